@@ -1,0 +1,5 @@
+import sys
+
+from densedet.cli import main
+
+sys.exit(main())

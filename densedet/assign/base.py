@@ -1,0 +1,101 @@
+"""The assigner contract: the ``Assignment`` result and the ``Assigner`` base class."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Assignment:
+    """What an assigner decided for every prior of every image.
+
+    Attributes:
+        gt_index: ``[B, A]`` int64 index into G of the assigned object, -1 for background.
+        labels: ``[B, A]`` int64 class of the assigned object, -1 for background.
+        quality: ``[B, A]`` float IoU of the prediction with its object (0 for background).
+        pos_weight: soft positive weights where the method defines them (DW: ``[B, G, A]``).
+        neg_weight: soft negative weights where the method defines them (DW: ``[B, A, C]``).
+        centerness: ``[B, A]`` FCOS centerness target of positives (0 for background).
+        align_target: ``[B, A]`` TAL alignment target normalised per object (0 for background).
+        candidate_mask: ``[B, G, A]`` bool, priors each object could have taken (for
+            pictures and diagnostics; None when the method has no such notion).
+    """
+
+    gt_index: Tensor
+    labels: Tensor
+    quality: Tensor
+    pos_weight: Optional[Tensor] = None
+    neg_weight: Optional[Tensor] = None
+    centerness: Optional[Tensor] = None
+    align_target: Optional[Tensor] = None
+    candidate_mask: Optional[Tensor] = None
+
+    @property
+    def pos_mask(self) -> Tensor:
+        """``[B, A]`` bool, priors assigned to an object."""
+        return self.gt_index >= 0
+
+    def to(self, device: torch.device | str) -> "Assignment":
+        kw = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v)
+              for f in fields(self)}
+        return Assignment(**kw)
+
+
+class Assigner:
+    """Base class: validates shapes, runs ``assign`` in float32 without autograd.
+
+    Subclasses implement :meth:`assign` with the same arguments; the base makes every
+    method cost-compute in float32 even under autocast (costs like -log(IoU) and 1e5
+    penalties lose the ordering in half precision) and never builds a graph.
+    """
+
+    name: str = ""
+    #: whether the method reads predictions (the dynamic ones) or only geometry.
+    uses_predictions: bool = True
+
+    def __init__(self, num_classes: int):
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+
+    def __call__(self, priors: Tensor, pred_scores: Tensor, pred_boxes: Tensor, gt_boxes: Tensor,
+                 gt_labels: Tensor, gt_valid: Tensor) -> Assignment:
+        """Assign priors to objects.
+
+        Args:
+            priors: ``[A, 4]`` (cx, cy, stride_w, stride_h).
+            pred_scores: ``[B, A, C]`` probabilities in [0, 1] (detached).
+            pred_boxes: ``[B, A, 4]`` xyxy decoded predictions (detached).
+            gt_boxes: ``[B, G, 4]`` xyxy, padded.
+            gt_labels: ``[B, G]`` int64, padded.
+            gt_valid: ``[B, G]`` bool, False on padding rows.
+        Returns:
+            :class:`Assignment`.
+        """
+        B, A, C = pred_scores.shape
+        if priors.shape != (A, 4):
+            raise ValueError(f"priors must be [A={A}, 4], got {tuple(priors.shape)}")
+        if C != self.num_classes:
+            raise ValueError(f"pred_scores has {C} classes, assigner built for {self.num_classes}")
+        if pred_boxes.shape != (B, A, 4):
+            raise ValueError(f"pred_boxes must be [{B}, {A}, 4], got {tuple(pred_boxes.shape)}")
+        G = gt_boxes.shape[1]
+        if gt_boxes.shape != (B, G, 4) or gt_labels.shape != (B, G) or gt_valid.shape != (B, G):
+            raise ValueError("gt_boxes/gt_labels/gt_valid must be [B,G,4]/[B,G]/[B,G], got "
+                             f"{tuple(gt_boxes.shape)}/{tuple(gt_labels.shape)}/{tuple(gt_valid.shape)}")
+        device_type = pred_scores.device.type
+        with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
+            return self.assign(priors.float(), pred_scores.detach().float(),
+                               pred_boxes.detach().float(), gt_boxes.float(), gt_labels.long(),
+                               gt_valid.bool())
+
+    def assign(self, priors: Tensor, pred_scores: Tensor, pred_boxes: Tensor, gt_boxes: Tensor,
+               gt_labels: Tensor, gt_valid: Tensor) -> Assignment:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
