@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("densedet.data.synth", "write the offline synthetic benchmark dataset (VOC layout)"),
     "split": ("densedet.data.split", "write ImageSets/Main/{trainval,train,val,test}.txt"),
     "check": ("densedet.data.check", "decode every image and validate every annotation"),
-    "eval": ("densedet.evaluate", "score detections (or a trained model) with COCO and VOC metrics"),
+    "eval": ("densedet.eval_cli", "score detections (or a trained model) with COCO and VOC metrics"),
     "train": ("densedet.engine.train_cli", "train a detector from a YAML config"),
     "predict": ("densedet.predict", "run a trained model on images or folders"),
     "export": ("densedet.export", "export a trained model (ONNX)"),
