@@ -1,0 +1,202 @@
+"""What each assigner decided, as pictures and tables: ``densedet assign-viz``.
+
+One PNG with a panel per assigner: the (letterboxed) image, its ground-truth boxes, and every
+positive prior drawn at its centre, coloured by the object it serves and sized by pyramid
+level (DW: shaded by its positive weight). Beside it a Markdown table: positives per object
+per level, and the objects left with none.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from densedet.assign import ASSIGNERS, Assignment, build_assigner
+from densedet.boxes import box_iou, box_to_distance
+from densedet.errors import DensedetError
+
+DEFAULT_ASSIGNERS = ("fcos", "atss", "simota", "dsl", "lla", "dw", "tal")
+
+
+def standin_predictions(priors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
+                        num_classes: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Predictions of an imagined half-trained model, for pictures made without ``--weights``.
+
+    Dynamic assigners read predictions, so a picture needs some. The stand-in behaves like a
+    detector part-way through training: a prior whose centre lies inside an object predicts
+    that object's box with an error that grows with the prior's distance from the box centre
+    (relative to the box size), and scores that object's class by the IoU of that prediction
+    (plus a little noise); a prior inside several objects predicts the smallest. A prior
+    outside every object predicts a 2-stride square around itself with a low score (0.02).
+    Deterministic for a given ``seed``.
+
+    Args:
+        priors: ``[A, 4]`` (cx, cy, stride_w, stride_h).
+        gt_boxes: ``[B, G, 4]`` xyxy; ``gt_labels`` ``[B, G]``; ``gt_valid`` ``[B, G]``.
+    Returns:
+        scores ``[B, A, C]`` in [0, 1], boxes ``[B, A, 4]`` xyxy.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    B, G = gt_labels.shape
+    A = priors.shape[0]
+    centres, strides = priors[:, :2], priors[:, 2:]
+    boxes = torch.cat([centres - strides, centres + strides], dim=-1).expand(B, A, 4).clone()
+    scores = torch.full((B, A, num_classes), 0.02)
+    if G == 0:
+        return scores, boxes
+    ltrb = box_to_distance(centres[None, None], gt_boxes[:, :, None])  # [B, G, A, 4]
+    inside = (ltrb.amin(-1) > 0) & gt_valid[..., None]
+    wh = (gt_boxes[..., 2:] - gt_boxes[..., :2]).clamp(min=1e-3)  # [B, G, 2]
+    area = (wh[..., 0] * wh[..., 1])[..., None].expand(B, G, A)
+    owner = area.masked_fill(~inside, float("inf")).argmin(dim=1)  # [B, A]
+    has_owner = inside.any(dim=1)
+    own_box = gt_boxes.gather(1, owner[..., None].expand(B, A, 4))  # [B, A, 4]
+    own_wh = (own_box[..., 2:] - own_box[..., :2]).clamp(min=1e-3)
+    own_ctr = (own_box[..., :2] + own_box[..., 2:]) / 2
+    # normalised offset of the prior from the centre: 0 at the centre, 1 at the border
+    off = ((centres[None] - own_ctr).abs() / (own_wh / 2)).amax(dim=-1, keepdim=True).clamp(max=1)
+    noise = torch.randn((B, A, 4), generator=gen)
+    pred = own_box + noise * (0.05 + 0.35 * off) * own_wh.repeat(1, 1, 2)
+    boxes = torch.where(has_owner[..., None], pred, boxes)
+    iou = box_iou(pred, own_box, aligned=True).clamp(0, 1)
+    own_label = gt_labels.gather(1, owner).clamp(0, num_classes - 1)
+    cls_score = (iou + 0.05 * torch.randn((B, A), generator=gen)).clamp(0.01, 0.99)
+    onehot = torch.nn.functional.one_hot(own_label, num_classes).bool() & has_owner[..., None]
+    scores = torch.where(onehot, cls_score[..., None], scores)
+    return scores, boxes
+
+
+def run_assigners(names: Sequence[str], num_classes: int, priors: Tensor, scores: Tensor,
+                  boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
+                  params: Optional[dict[str, dict]] = None) -> dict[str, Assignment]:
+    """Every named assigner on the same inputs (DESIGN.md contract)."""
+    params = params or {}
+    return {n: build_assigner(n, num_classes, **params.get(n, {}))(
+        priors, scores, boxes, gt_boxes, gt_labels, gt_valid) for n in names}
+
+
+def positives_per_level(assignment: Assignment, levels: Tensor, num_objects: int,
+                        num_levels: int, image: int = 0) -> np.ndarray:
+    """``[G, L]`` count of positives of each object on each level (one image)."""
+    gi = assignment.gt_index[image]
+    pos = gi >= 0
+    counts = torch.zeros((num_objects, num_levels), dtype=torch.long)
+    if num_objects:
+        flat = gi[pos] * num_levels + levels[pos]
+        counts = torch.bincount(flat, minlength=num_objects * num_levels).view(num_objects, num_levels)
+    return counts.numpy()
+
+
+def assignment_table(assignments: dict[str, Assignment], levels: Tensor, strides: Sequence[int],
+                     gt_labels: Tensor, class_names: Sequence[str]) -> str:
+    """Markdown: per assigner, positives per object per level and the objects left with none."""
+    G = gt_labels.shape[0]
+    L = len(strides)
+    lines = []
+    header = "| object | class | " + " | ".join(f"P{s}" for s in strides) + " | total |"
+    sep = "|---|---|" + "---|" * (L + 1)
+    for name, a in assignments.items():
+        counts = positives_per_level(a, levels, G, L)
+        lines.append(f"### {name}\n")
+        if G == 0:
+            n_pos = int((a.gt_index[0] >= 0).sum())
+            lines.append(f"no objects in this image; {n_pos} positives\n")
+            continue
+        lines += [header, sep]
+        for g in range(G):
+            cls = class_names[int(gt_labels[g])] if 0 <= int(gt_labels[g]) < len(class_names) else str(int(gt_labels[g]))
+            lines.append(f"| {g} | {cls} | " + " | ".join(str(int(c)) for c in counts[g])
+                         + f" | {int(counts[g].sum())} |")
+        empty = [g for g in range(G) if counts[g].sum() == 0]
+        lines.append("")
+        lines.append(f"objects left with no positive: {', '.join(map(str, empty)) if empty else 'none'}"
+                     f"; mean positives per object: {counts.sum() / G:.2f}\n")
+    return "\n".join(lines)
+
+
+def draw_assignments(image: np.ndarray, gt_boxes: Tensor, gt_labels: Tensor,
+                     class_names: Sequence[str], priors: Tensor, levels: Tensor,
+                     assignments: dict[str, Assignment], out_path: str | Path,
+                     title: str = "") -> Path:
+    """Write one PNG, a panel per assigner.
+
+    Args:
+        image: ``[H, W, 3]`` uint8 RGB (the network input, letterboxed).
+        gt_boxes: ``[G, 4]`` xyxy in input pixels; ``gt_labels`` ``[G]``.
+        priors: ``[A, 4]``; ``levels`` ``[A]`` level of each prior.
+        assignments: name -> :class:`Assignment` for a batch of one image.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    n = max(len(assignments), 1)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.4 * rows), squeeze=False)
+    palette = plt.get_cmap("tab20")
+    G = gt_boxes.shape[0]
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, a) in zip(axes.flat, assignments.items()):
+        ax.imshow(image)
+        for g in range(G):
+            x1, y1, x2, y2 = gt_boxes[g].tolist()
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.2,
+                                   color=palette(g % 20)))
+        gi = a.gt_index[0]
+        pos = gi >= 0
+        colours = np.array([palette(int(g) % 20) for g in gi[pos]]) if pos.any() else np.zeros((0, 4))
+        if a.pos_weight is not None and pos.any():
+            # DW: shade by the positive weight of the pair, normalised per object
+            w = a.pos_weight[0].gather(0, gi.clamp(min=0)[None]).squeeze(0)[pos]
+            wmax = torch.zeros(G).scatter_reduce(0, gi[pos], w, reduce="amax")
+            alpha = (w / wmax[gi[pos]].clamp(min=1e-12)).clamp(0.15, 1).numpy()
+            colours[:, 3] = alpha
+        sizes = 6.0 * (1.8 ** levels[pos].float()).numpy()
+        centres = priors[pos, :2].numpy()
+        ax.scatter(centres[:, 0], centres[:, 1], s=sizes, c=colours, edgecolors="white",
+                   linewidths=0.4)
+        counts = positives_per_level(a, levels, G, int(levels.max()) + 1 if len(levels) else 1)
+        empty = int((counts.sum(axis=1) == 0).sum()) if G else 0
+        ax.set_title(f"{name}: {int(pos.sum())} pos, {empty}/{G} objects empty", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def parse_assigners(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ASSIGNERS]
+    if unknown:
+        raise DensedetError(f"--assigners: unknown assigner(s) {', '.join(unknown)}; "
+                            f"choose from {', '.join(ASSIGNERS)}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (its data and model are used)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("--image", required=True, help="image id (the image file's stem)")
+    parser.add_argument("--assigners", default=",".join(DEFAULT_ASSIGNERS),
+                        help="comma-separated assigner names")
+    parser.add_argument("--weights", help="checkpoint whose predictions the dynamic assigners see")
+    parser.add_argument("--out", default="assign_viz.png", help="output PNG (a .md table is written beside it)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the stand-in predictions")
+
+
+def run(args: argparse.Namespace) -> int:
+    from densedet.viz_cli import assign_viz
+    assign_viz(args.config, args.overrides, args.image, parse_assigners(args.assigners),
+               args.weights, args.out, args.seed)
+    return 0
