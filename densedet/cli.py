@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[verb][0])
     module.add_arguments(subparsers[verb])
-    args = parser.parse_args(argv)
+    if getattr(module, "TRAILING_ARGS", False):
+        # argparse cannot take positionals after options ("SOURCE --out D key=value"): such
+        # verbs receive the leftover words in args.trailing and validate them themselves
+        args, trailing = parser.parse_known_args(argv)
+        args.trailing = trailing
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(module.run(args) or 0)
     except DensedetError as e:
@@ -55,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"densedet {verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # output piped into e.g. `head` that closed early: not an error of ours
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

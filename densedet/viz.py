@@ -139,7 +139,7 @@ def draw_assignments(image: np.ndarray, gt_boxes: Tensor, gt_labels: Tensor,
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.4 * rows), squeeze=False)
-    palette = plt.get_cmap("tab20")
+    palette = plt.get_cmap("tab10")
     G = gt_boxes.shape[0]
     for ax in axes.flat:
         ax.axis("off")
@@ -148,20 +148,20 @@ def draw_assignments(image: np.ndarray, gt_boxes: Tensor, gt_labels: Tensor,
         for g in range(G):
             x1, y1, x2, y2 = gt_boxes[g].tolist()
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.2,
-                                   color=palette(g % 20)))
+                                   color=palette(g % 10)))
         gi = a.gt_index[0]
         pos = gi >= 0
-        colours = np.array([palette(int(g) % 20) for g in gi[pos]]) if pos.any() else np.zeros((0, 4))
+        colours = np.array([palette(int(g) % 10) for g in gi[pos]]) if pos.any() else np.zeros((0, 4))
         if a.pos_weight is not None and pos.any():
             # DW: shade by the positive weight of the pair, normalised per object
             w = a.pos_weight[0].gather(0, gi.clamp(min=0)[None]).squeeze(0)[pos]
             wmax = torch.zeros(G).scatter_reduce(0, gi[pos], w, reduce="amax")
-            alpha = (w / wmax[gi[pos]].clamp(min=1e-12)).clamp(0.15, 1).numpy()
+            alpha = (w / wmax[gi[pos]].clamp(min=1e-12)).clamp(0.03, 1).numpy()
             colours[:, 3] = alpha
-        sizes = 6.0 * (1.8 ** levels[pos].float()).numpy()
+        sizes = 9.0 * (2.2 ** levels[pos].float()).numpy()
         centres = priors[pos, :2].numpy()
-        ax.scatter(centres[:, 0], centres[:, 1], s=sizes, c=colours, edgecolors="white",
-                   linewidths=0.4)
+        ax.scatter(centres[:, 0], centres[:, 1], s=sizes, c=colours, edgecolors="black",
+                   linewidths=0.3)
         counts = positives_per_level(a, levels, G, int(levels.max()) + 1 if len(levels) else 1)
         empty = int((counts.sum(axis=1) == 0).sum()) if G else 0
         ax.set_title(f"{name}: {int(pos.sum())} pos, {empty}/{G} objects empty", fontsize=9)
@@ -184,6 +184,9 @@ def parse_assigners(text: str) -> list[str]:
     return names
 
 
+TRAILING_ARGS = True  # key=value overrides may follow the options
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (its data and model are used)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -195,8 +198,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the stand-in predictions")
 
 
+def assign_viz(config: str, overrides: Sequence[str], image_id: str, names: Sequence[str],
+               weights: Optional[str] = None, out: str | Path = "assign_viz.png",
+               seed: int = 0) -> tuple[Path, str]:
+    """Draw what each assigner decides on one image of the configured dataset.
+
+    With ``weights`` the dynamic assigners see that model's predictions (what its head hands
+    its assigner in training); without, :func:`standin_predictions`. Assigners the model's
+    head cannot train with are still drawn: assignment only needs scores and boxes.
+    Returns the PNG path and the Markdown table (also written beside the PNG as ``.md``).
+    """
+    from densedet.config import load_config
+    from densedet.data.dataset import DetectionDataset
+    from densedet.engine.build import build_detector, model_from_weights, read_split
+    from densedet.priors import level_ids, priors_for_input
+
+    if weights:
+        model, cfg, classes = model_from_weights(weights, config, list(overrides), log=lambda *_: None)
+        index = read_split(cfg, None, classes=classes)
+    else:
+        cfg = load_config(config, list(overrides))
+        index = read_split(cfg, None)
+        classes = index.classes
+        model = build_detector(cfg, len(classes), with_assigner=False).eval()
+    matches = [s for s in index.samples if str(s.image_id) == str(image_id)]
+    if not matches:
+        raise DensedetError(f"--image {image_id}: no such image in {cfg.data.root} "
+                            f"({len(index.samples)} images; ids are file stems)")
+    input_size = cfg.input_size if isinstance(cfg.input_size, int) else tuple(cfg.input_size)
+    image, target, _ = DetectionDataset(matches, input_size, augment=None)[0]
+    gt_boxes, gt_labels = target["boxes"][None], target["labels"][None]
+    gt_valid = torch.ones(gt_labels.shape, dtype=torch.bool)
+    C = len(classes)
+    if weights:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            raw = model(image[None].to(device))
+            priors = raw["priors"]
+            scores, boxes = model.head.assigner_inputs(raw, priors)
+        priors, scores, boxes = priors.cpu(), scores.float().cpu(), boxes.float().cpu()
+    else:
+        priors, _ = priors_for_input(tuple(image.shape[-2:]), model.strides, model.prior_offset)
+        scores, boxes = standin_predictions(priors, gt_boxes, gt_labels, gt_valid, C, seed)
+    sizes = [(int(np.ceil(image.shape[-2] / s)), int(np.ceil(image.shape[-1] / s))) for s in model.strides]
+    levels = level_ids(sizes)
+    assignments = run_assigners(names, C, priors, scores, boxes, gt_boxes, gt_labels, gt_valid)
+    picture = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    source = f"weights {weights}" if weights else "stand-in predictions"
+    png = draw_assignments(picture, gt_boxes[0], gt_labels[0], classes, priors, levels, assignments,
+                           out, title=f"image {image_id}, {cfg.model.name} priors, {source}")
+    table = (f"# Assignment of image {image_id} ({source})\n\n"
+             + assignment_table(assignments, levels, model.strides, gt_labels[0], classes))
+    png.with_suffix(".md").write_text(table + "\n")
+    return png, table
+
+
 def run(args: argparse.Namespace) -> int:
-    from densedet.viz_cli import assign_viz
-    assign_viz(args.config, args.overrides, args.image, parse_assigners(args.assigners),
-               args.weights, args.out, args.seed)
+    from densedet.config import trailing_overrides
+
+    args.overrides = list(args.overrides) + trailing_overrides(args)
+    png, table = assign_viz(args.config, args.overrides, args.image, parse_assigners(args.assigners),
+                            args.weights, args.out, args.seed)
+    print(table)
+    print(f"wrote {png} and {png.with_suffix('.md')}")
     return 0
+

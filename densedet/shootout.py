@@ -1,0 +1,237 @@
+"""``densedet shootout``: the same model, data, seed and budget, trained once per assigner.
+
+Each run goes to ``OUT/<assigner>_seed<k>/`` (a normal training run: ``best.pt``,
+``metrics.json``, ``log.csv``). Afterwards every run's best model is scored with the one
+evaluator, and its assigner is run once more over the validation images with that model's
+own predictions to count positives per object and objects left without any. The table goes
+to ``OUT/shootout.md`` (with the command), the numbers to ``OUT/shootout.json``, the bar plot
+to ``OUT/shootout.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from densedet.errors import DensedetError
+
+COLUMNS = ("assigner", "seed", "AP", "AP50", "pos_per_object", "objects_without_pos",
+           "assign_ms_per_iter", "wall_s")
+
+
+def mean_csv_column(path: Path, column: str) -> Optional[float]:
+    """Mean of a numeric column of a training ``log.csv`` (blank cells skipped)."""
+    if not path.exists():
+        return None
+    with open(path, newline="") as f:
+        values = [float(r[column]) for r in csv.DictReader(f) if r.get(column) not in (None, "")]
+    return statistics.fmean(values) if values else None
+
+
+@torch.no_grad()
+def assignment_stats(weights: Path, assigner_name: str, assigner_params: dict,
+                     split: Optional[str] = None, batch_size: int = 8,
+                     max_images: int = 200) -> dict:
+    """Run a trained model's assigner over validation images with the model's own predictions.
+
+    Returns ``pos_per_object`` (mean positives per valid object) and ``objects_without_pos``
+    (fraction of valid objects with no positive prior).
+    """
+    from densedet.assign import build_assigner
+    from densedet.data.dataset import DetectionDataset
+    from densedet.data.loader import collate
+    from densedet.engine.build import model_from_weights, read_split
+
+    model, cfg, classes = model_from_weights(weights, log=lambda *_: None)
+    index = read_split(cfg, split if split is not None else cfg.data.val_split, classes=classes)
+    samples = index.samples[:max_images]
+    input_size = cfg.input_size if isinstance(cfg.input_size, int) else tuple(cfg.input_size)
+    dataset = DetectionDataset(samples, input_size, augment=None)
+    assigner = build_assigner(assigner_name, len(classes), **assigner_params)
+    device = next(model.parameters()).device
+    total_pos, total_obj, total_empty = 0, 0, 0
+    for start in range(0, len(dataset), batch_size):
+        images, targets, _ = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        targets = {k: v.to(device) for k, v in targets.items()}
+        raw = model(images.to(device))
+        scores, boxes = model.head.assigner_inputs(raw, raw["priors"])
+        out = assigner(raw["priors"], scores, boxes, targets["gt_boxes"], targets["gt_labels"],
+                       targets["gt_valid"])
+        G = targets["gt_valid"].shape[1]
+        gi = out.gt_index
+        counts = torch.zeros(gi.shape[0], G + 1, dtype=torch.long, device=gi.device)
+        counts.scatter_add_(1, (gi + 1).clamp(min=0), torch.ones_like(gi))
+        counts = counts[:, 1:]
+        valid = targets["gt_valid"]
+        total_pos += int(counts[valid].sum())
+        total_obj += int(valid.sum())
+        total_empty += int(((counts == 0) & valid).sum())
+    return {"pos_per_object": total_pos / max(total_obj, 1),
+            "objects_without_pos": total_empty / max(total_obj, 1)}
+
+
+def run_one(config: str, overrides: Sequence[str], assigner: str, seed: int, epochs: Optional[int],
+            out_dir: Path, log=print) -> dict:
+    """Train and score one assigner; returns one table row."""
+    from densedet.config import load_config
+    from densedet.engine import train
+
+    run_dir = out_dir / f"{assigner}_seed{seed}"
+    extra = [f"assigner.name={assigner}", f"train.seed={seed}", f"output_dir={run_dir}"]
+    if epochs is not None:
+        extra.append(f"train.epochs={epochs}")
+    cfg = load_config(config, list(overrides) + extra)
+    t0 = time.perf_counter()
+    metrics = train(cfg, log=log)
+    wall = time.perf_counter() - t0
+    stats = assignment_stats(run_dir / "best.pt", assigner, cfg.assigner.params)
+    return {"assigner": assigner, "seed": seed, "AP": metrics.get("AP"), "AP50": metrics.get("AP50"),
+            "pos_per_object": stats["pos_per_object"],
+            "objects_without_pos": stats["objects_without_pos"],
+            "assign_ms_per_iter": mean_csv_column(run_dir / "log.csv", "assign_ms"),
+            "wall_s": wall}
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    return f"{100 * v:.1f}" if pct else f"{v:.2f}"
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per assigner: means over seeds, and the spread (max − min) of AP."""
+    out = []
+    for name in dict.fromkeys(r["assigner"] for r in rows):
+        rs = [r for r in rows if r["assigner"] == name]
+        if any("skipped" in r for r in rs):
+            out.append(rs[0])
+            continue
+        s = {"assigner": name, "seeds": [r["seed"] for r in rs]}
+        for k in COLUMNS[2:]:
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            s[k] = statistics.fmean(vals) if vals else None
+        aps = [r["AP"] for r in rs if r.get("AP") is not None]
+        s["AP_spread"] = (max(aps) - min(aps)) if len(aps) > 1 else None
+        out.append(s)
+    return out
+
+
+def markdown_table(summary: list[dict]) -> str:
+    lines = ["| assigner | seeds | mAP50-95 | mAP50 | pos / object | objects w/o pos | assign ms / iter | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        if "skipped" in s:
+            lines.append(f"| {s['assigner']} | – | {s['skipped']} | | | | | |")
+            continue
+        ap = _fmt(s["AP"], pct=True)
+        if s.get("AP_spread") is not None:
+            ap += f" (spread {100 * s['AP_spread']:.1f})"
+        lines.append(f"| {s['assigner']} | {','.join(map(str, s['seeds']))} | {ap} | {_fmt(s['AP50'], True)} | "
+                     f"{_fmt(s['pos_per_object'])} | {_fmt(s['objects_without_pos'], True)}% | "
+                     f"{_fmt(s['assign_ms_per_iter'])} | {_fmt(s['wall_s'])} |")
+    return "\n".join(lines)
+
+
+def bar_plot(summary: list[dict], path: Path, title: str = "") -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [s for s in summary if "skipped" not in s]
+    names = [s["assigner"] for s in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(1.2 * max(len(rows), 3) + 2, 3.6))
+    ap = [100 * (s["AP"] or 0) for s in rows]
+    ap50 = [100 * (s["AP50"] or 0) for s in rows]
+    err = [100 * (s.get("AP_spread") or 0) / 2 for s in rows]
+    ax.bar([i - 0.2 for i in x], ap, 0.4, yerr=err, label="mAP50-95", capsize=3)
+    ax.bar([i + 0.2 for i in x], ap50, 0.4, label="mAP50")
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("%")
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def shootout(config: str, assigners: Sequence[str], overrides: Sequence[str] = (),
+             epochs: Optional[int] = None, seeds: Sequence[int] = (0,), out: str | Path = "runs/shootout",
+             command: str = "", log=print) -> list[dict]:
+    """Train once per (assigner, seed); write ``shootout.md``, ``.json`` and ``.png`` in ``out``."""
+    from densedet.config import load_config
+    from densedet.models import model_module
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = load_config(config, list(overrides))
+    model = model_module(base.model.name)
+    rows = []
+    for name in assigners:
+        # refuse incompatible pairs before any training starts
+        compatible = getattr(model, "COMPATIBLE_ASSIGNERS", None)
+        if compatible is not None and name not in compatible:
+            rows.append({"assigner": name, "skipped": f"incompatible with {base.model.name}"})
+            continue
+        for seed in seeds:
+            log(f"== shootout: {name}, seed {seed} ==")
+            try:
+                rows.append(run_one(config, overrides, name, seed, epochs, out_dir, log=log))
+            except DensedetError as e:
+                if "cannot train with assigner" not in str(e):
+                    raise
+                rows.append({"assigner": name, "skipped": f"incompatible with {base.model.name}"})
+                break
+    summary = summarise(rows)
+    title = f"{base.model.name} ({base.model.size or 'default'}) on {base.data.root}"
+    (out_dir / "shootout.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2) + "\n")
+    bar_plot(summary, out_dir / "shootout.png", title)
+    md = [f"# Assigner shoot-out: {title}", "", f"Command: `{command}`" if command else "", "",
+          markdown_table(summary), "",
+          "mAP on the validation split from each run's best checkpoint (EMA); positives per object "
+          "and objects without a positive from that run's assigner over the validation images "
+          "with the trained model's predictions; assign ms is the mean assigner time per "
+          "training iteration; wall s is the whole training run.", ""]
+    (out_dir / "shootout.md").write_text("\n".join(md))
+    return summary
+
+
+TRAILING_ARGS = True  # key=value overrides may follow the options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config: the model, data and budget every assigner gets")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("--assigners", required=True, help="comma-separated assigner names")
+    parser.add_argument("--epochs", type=int, help="train.epochs for every run")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (each assigner runs once per seed)")
+    parser.add_argument("--out", default="runs/shootout", help="output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from densedet.config import trailing_overrides
+    from densedet.viz import parse_assigners
+
+    args.overrides = list(args.overrides) + trailing_overrides(args)
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise DensedetError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    command = "densedet " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    summary = shootout(args.config, parse_assigners(args.assigners), args.overrides, args.epochs,
+                       seeds, args.out, command=command)
+    print(markdown_table(summary))
+    print(f"wrote {Path(args.out) / 'shootout.md'}, shootout.json, shootout.png")
+    return 0
