@@ -1,0 +1,163 @@
+"""Batching: padded collate, a seeded sampler, the DataLoader factory, batch resizing.
+
+Determinism: :class:`SeededSampler` yields ``(index, sample_seed)`` pairs; the seeds come
+from ``(seed, epoch, rank)`` only, and :class:`~densedet.data.dataset.DetectionDataset`
+draws a sample's whole augmentation from its seed. So the same seed gives the same batches
+whatever ``num_workers`` is (0, 2, ...), and resuming at epoch ``e`` after
+``loader.sampler.set_epoch(e)`` replays that epoch. Workers are also seeded
+(:func:`seed_worker`) for any other randomness they meet.
+
+Epochs: the sampler advances its epoch by itself after every pass; callers that resume or
+run distributed call ``loader.sampler.set_epoch(epoch)`` before each epoch (it is forwarded
+to the ``DistributedSampler``, which needs it to reshuffle).
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+__all__ = ["SeededSampler", "build_loader", "collate", "resize_batch", "seed_worker"]
+
+
+def collate(batch: list) -> tuple[torch.Tensor, dict, list]:
+    """``[(image [3,H,W], target, meta)] * B`` -> ``(images [B,3,H,W], targets, metas)``.
+
+    ``targets``: ``gt_boxes [B, G, 4]`` float32 xyxy, ``gt_labels [B, G]`` int64,
+    ``gt_valid [B, G]`` bool, with ``G = max(1, most objects in an image)``: a batch without
+    any object still has one all-invalid row, so no tensor is 0-sized. Padding rows hold
+    zero boxes and label 0 (a valid class index, so careless gathers cannot crash) and are
+    marked False in ``gt_valid``.
+    """
+    images = torch.stack([item[0] for item in batch])
+    counts = [len(item[1]["labels"]) for item in batch]
+    B, G = len(batch), max([1] + counts)
+    gt_boxes = torch.zeros(B, G, 4, dtype=torch.float32)
+    gt_labels = torch.zeros(B, G, dtype=torch.int64)
+    gt_valid = torch.zeros(B, G, dtype=torch.bool)
+    for b, ((_, target, _), n) in enumerate(zip(batch, counts)):
+        gt_boxes[b, :n] = target["boxes"]
+        gt_labels[b, :n] = target["labels"]
+        gt_valid[b, :n] = True
+    targets = dict(gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid)
+    return images, targets, [item[2] for item in batch]
+
+
+class SeededSampler(Sampler):
+    """Yields ``(index, sample_seed)`` for every index of an epoch.
+
+    Args:
+        size: dataset length.
+        shuffle: random order (a permutation drawn from ``(seed, epoch)``).
+        seed: non-negative base seed.
+        base: a sampler to take the order from instead (``DistributedSampler``); its
+            ``set_epoch`` is called and its ``rank`` enters the sample seeds.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int, base: Sampler | None = None):
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.size, self.shuffle, self.seed, self.base = size, shuffle, int(seed), base
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def _order(self, epoch: int) -> list[int]:
+        if self.base is not None:
+            if hasattr(self.base, "set_epoch"):
+                self.base.set_epoch(epoch)
+            return list(self.base)
+        if not self.shuffle:
+            return list(range(self.size))
+        state = np.random.SeedSequence([self.seed, epoch]).generate_state(2)
+        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self):
+        epoch = self.epoch
+        self.epoch += 1  # callers that never call set_epoch still get a new epoch each pass
+        order = self._order(epoch)
+        rank = int(getattr(self.base, "rank", 0))
+        seeds = np.random.default_rng([self.seed, epoch, rank]).integers(
+            0, 2**63 - 1, size=len(order), dtype=np.int64)
+        return iter(zip(order, seeds.tolist()))
+
+    def __len__(self) -> int:
+        return len(self.base) if self.base is not None else self.size
+
+
+def seed_worker(worker_id: int):
+    """``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed (which
+    PyTorch derives from the loader's generator and the worker id).
+
+    It must not call ``cv2.setNumThreads``: in a forked child that reconfigures the thread
+    pool inherited from the parent, whose threads do not exist there, and now and then hangs
+    forever (seen here once in 80 two-worker start-ups). ``DetectionDataset`` sets OpenCV
+    to one thread in the parent instead, before any worker exists."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
+                 drop_last: bool = False, distributed: bool = False,
+                 persistent_workers: bool | None = None, pin_memory: bool | None = None,
+                 prefetch_factor: int | None = None,
+                 multiprocessing_context: str | None = None) -> DataLoader:
+    """A DataLoader over a :class:`DetectionDataset` with :func:`collate`.
+
+    Args:
+        shuffle: random order per epoch (from ``seed`` and the epoch).
+        num_workers: worker processes (0: load in the calling process).
+        seed: base seed; same seed -> same batches, independent of ``num_workers``.
+        drop_last: drop the last incomplete batch.
+        distributed: shard with ``DistributedSampler`` (``torch.distributed`` must be
+            initialised). Call ``loader.sampler.set_epoch(epoch)`` every epoch.
+        persistent_workers: keep workers between epochs (default: when ``num_workers > 0``);
+            ``dataset.close_mosaic()`` still reaches them (shared flags).
+        pin_memory: default only when CUDA is available.
+        multiprocessing_context: e.g. ``"spawn"``; default PyTorch's (fork on Linux).
+    """
+    base = None
+    if distributed:
+        base = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler = SeededSampler(len(dataset), shuffle, seed, base)
+    if persistent_workers is None:
+        persistent_workers = num_workers > 0
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    extra = {}
+    if num_workers > 0:
+        extra = dict(worker_init_fn=seed_worker, persistent_workers=persistent_workers,
+                     prefetch_factor=prefetch_factor or 2,
+                     multiprocessing_context=multiprocessing_context)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed), **extra)
+
+
+def resize_batch(images: torch.Tensor, targets: dict, new_size: int | tuple[int, int]
+                 ) -> tuple[torch.Tensor, dict]:
+    """Multi-scale training: resize a whole batch (bilinear) and scale its boxes.
+
+    Args:
+        images: ``[B, 3, H, W]``.
+        targets: collated targets (``gt_boxes [B, G, 4]`` xyxy is scaled, the rest kept).
+        new_size: int (square) or ``(height, width)``.
+    Returns:
+        ``[B, 3, h, w]`` images and a new targets dict.
+    """
+    if isinstance(new_size, int):
+        new_size = (new_size, new_size)
+    H, W = images.shape[-2:]
+    if (H, W) == tuple(new_size):
+        return images, targets
+    resized = F.interpolate(images, size=tuple(new_size), mode="bilinear", align_corners=False)
+    factor = torch.tensor([new_size[1] / W, new_size[0] / H] * 2, dtype=targets["gt_boxes"].dtype,
+                          device=targets["gt_boxes"].device)
+    return resized, {**targets, "gt_boxes": targets["gt_boxes"] * factor}
