@@ -64,7 +64,7 @@ def standin_predictions(priors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_
     boxes = torch.where(has_owner[..., None], pred, boxes)
     iou = box_iou(pred, own_box, aligned=True).clamp(0, 1)
     own_label = gt_labels.gather(1, owner).clamp(0, num_classes - 1)
-    cls_score = (iou + 0.05 * torch.randn((B, A), generator=gen)).clamp(0.01, 0.99)
+    cls_score = (iou + 0.05 * torch.randn((B, A), generator=gen)).clamp(0.05, 0.99)
     onehot = torch.nn.functional.one_hot(own_label, num_classes).bool() & has_owner[..., None]
     scores = torch.where(onehot, cls_score[..., None], scores)
     return scores, boxes

@@ -1,0 +1,118 @@
+"""Assignment pictures (assign-viz) and the assigner shoot-out, end to end on tiny data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from densedet.assign import ASSIGNERS, build_assigner
+from densedet.cli import main
+from densedet.priors import level_ids, priors_for_input
+from densedet.viz import (assignment_table, positives_per_level, run_assigners,
+                          standin_predictions)
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "yolox_nano.yaml")
+TINY = ["input_size=64", "data.num_workers=0", "train.batch_size=2", "train.warmup_epochs=0",
+        "train.no_aug_epochs=0", "train.eval_interval=1", "train.log_interval=1",
+        "augment.mosaic_prob=0.0", "train.checkpoint_interval=0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_voc(tmp_path_factory) -> Path:
+    """8 synthetic images at 64 px, plus one image whose annotation has no objects."""
+    from densedet.data.synth import make_synth
+
+    root = tmp_path_factory.mktemp("synth")
+    make_synth(root, images=8, size=64, seed=3, workers=1)
+    # an image with no objects: copy one picture, annotate it empty
+    src = root / "JPEGImages" / "000001.jpg"
+    (root / "JPEGImages" / "empty01.jpg").write_bytes(src.read_bytes())
+    (root / "Annotations" / "empty01.xml").write_text(
+        "<annotation><filename>empty01.jpg</filename>"
+        "<size><width>64</width><height>64</height><depth>3</depth></size></annotation>")
+    return root
+
+
+def test_standin_predictions_follow_the_objects():
+    priors, sizes = priors_for_input((64, 64), [8, 16, 32])
+    gt = torch.tensor([[[8.0, 8.0, 40.0, 40.0]]])
+    scores, boxes = standin_predictions(priors, gt, torch.tensor([[2]]), torch.tensor([[True]]), 3)
+    inside = ((priors[:, 0] > 8) & (priors[:, 0] < 40) & (priors[:, 1] > 8) & (priors[:, 1] < 40))
+    # priors inside the object score its class above the background score and predict
+    # boxes near it; priors outside keep the 0.02 floor everywhere
+    assert (scores[0, inside, 2] > 0.02).all()
+    assert torch.allclose(scores[0, ~inside], torch.full_like(scores[0, ~inside], 0.02))
+    centre_prior = torch.argmin((priors[:, :2] - 24).abs().sum(-1))
+    assert (boxes[0, centre_prior] - gt[0, 0]).abs().max() < 8
+
+
+def test_positives_per_level_counts_by_object_and_level():
+    priors, sizes = priors_for_input((64, 64), [8, 16, 32])
+    levels = level_ids(sizes)
+    a = build_assigner("fcos", 3)
+    gt = torch.tensor([[[0.0, 0.0, 30.0, 30.0], [0.0, 0.0, 0.0, 0.0]]])
+    valid = torch.tensor([[True, False]])
+    out = a(priors, torch.rand(1, priors.shape[0], 3), torch.zeros(1, priors.shape[0], 4), gt,
+            torch.tensor([[1, 0]]), valid)
+    counts = positives_per_level(out, levels, num_objects=2, num_levels=3)
+    expected = [[int(((out.gt_index[0] == g) & (levels == l)).sum()) for l in range(3)] for g in range(2)]
+    assert counts.tolist() == expected
+    assert counts[0].sum() > 0 and counts[1].sum() == 0
+    table = assignment_table({"fcos": out}, levels, [8, 16, 32], torch.tensor([1, 0]), ["a", "b", "c"])
+    assert "objects left with no positive: 1" in table
+
+
+def test_every_assigner_runs_on_the_standin():
+    priors, _ = priors_for_input((96, 96), [8, 16, 32])
+    gt = torch.tensor([[[10.0, 10.0, 50.0, 60.0], [40.0, 30.0, 90.0, 70.0]]])
+    labels, valid = torch.tensor([[0, 1]]), torch.tensor([[True, True]])
+    scores, boxes = standin_predictions(priors, gt, labels, valid, 2)
+    outs = run_assigners(list(ASSIGNERS), 2, priors, scores, boxes, gt, labels, valid)
+    assert set(outs) == set(ASSIGNERS)
+    for name, out in outs.items():
+        assert (out.gt_index >= 0).any(), name
+
+
+@pytest.mark.parametrize("image", ["000002", "empty01"])
+def test_assign_viz_cli_draws_every_assigner(tiny_voc, tmp_path, image, capsys):
+    out = tmp_path / f"{image}.png"
+    rc = main(["assign-viz", CONFIG, f"data.root={tiny_voc}", "input_size=64", "--image", image,
+               "--out", str(out)])
+    assert rc == 0
+    assert out.stat().st_size > 5000
+    table = out.with_suffix(".md").read_text()
+    for name in ASSIGNERS:
+        assert f"### {name}" in table
+    if image == "empty01":
+        assert "no objects in this image" in table
+
+
+def test_assign_viz_unknown_image_is_a_clean_error(tiny_voc, tmp_path, capsys):
+    rc = main(["assign-viz", CONFIG, f"data.root={tiny_voc}", "--image", "nope", "--out",
+               str(tmp_path / "x.png")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "--image nope" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_shootout_end_to_end_on_a_tiny_budget(tiny_voc, tmp_path):
+    out = tmp_path / "shootout"
+    rc = main(["shootout", CONFIG, f"data.root={tiny_voc}", *TINY, "--assigners", "simota,tal,dw",
+               "--epochs", "1", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "shootout.json").read_text())
+    by_name = {s["assigner"]: s for s in data["summary"]}
+    assert set(by_name) == {"simota", "tal", "dw"}
+    assert "incompatible" in by_name["dw"]["skipped"]  # YOLOX's head has no DW loss
+    for name in ("simota", "tal"):
+        s = by_name[name]
+        assert 0.0 <= s["AP"] <= 1.0 and s["wall_s"] > 0 and s["assign_ms_per_iter"] > 0
+        assert s["pos_per_object"] >= 0 and 0.0 <= s["objects_without_pos"] <= 1.0
+        assert (out / f"{name}_seed0" / "best.pt").exists()
+    assert (out / "shootout.png").stat().st_size > 2000
+    md = (out / "shootout.md").read_text()
+    assert "| simota |" in md and "| tal |" in md
