@@ -67,8 +67,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, mode: str = "iou", aligned: bool = F
     if mode not in ("iou", "giou"):
         raise ValueError(f"box_iou mode must be 'iou' or 'giou', got {mode!r}")
     if not aligned:
-        boxes1 = boxes1.unsqueeze(-2)  # [..., N, 1, 4]
-        boxes2 = boxes2.unsqueeze(-3)  # [..., 1, M, 4]
+        return _pairwise_iou(boxes1, boxes2, mode, eps)
     area1 = box_area(boxes1)
     area2 = box_area(boxes2)
     lt = torch.maximum(boxes1[..., :2], boxes2[..., :2])
@@ -83,6 +82,32 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, mode: str = "iou", aligned: bool = F
                   - torch.minimum(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
     enclose = (enclose_wh[..., 0] * enclose_wh[..., 1]).clamp(min=eps)
     return iou - (enclose - union) / enclose
+
+
+def _pairwise_iou(boxes1: Tensor, boxes2: Tensor, mode: str, eps: float) -> Tensor:
+    """The pairwise case of :func:`box_iou`, ``[..., N, 4]`` x ``[..., M, 4]`` -> ``[..., N, M]``.
+
+    Same arithmetic, element for element, as the aligned formula on broadcast ``[..., N, M, 2]``
+    corners, but one coordinate at a time on ``[..., N, M]`` tensors (with ``boxes2``'s
+    coordinates made contiguous rows) and in place: on CPU the trailing size-2 broadcasts
+    and fresh temporaries made the assigners' ``[B, G, A]`` IoU several times slower.
+    """
+    coords2 = boxes2.transpose(-1, -2).contiguous()  # [..., 4, M]
+    x11, y11, x12, y12 = (boxes1[..., i, None] for i in range(4))  # [..., N, 1]
+    x21, y21, x22, y22 = (coords2[..., i, None, :] for i in range(4))  # [..., 1, M]
+    area1 = box_area(boxes1)[..., :, None]
+    area2 = box_area(boxes2)[..., None, :]
+    w = torch.minimum(x12, x22).sub_(torch.maximum(x11, x21)).clamp_(min=0)
+    h = torch.minimum(y12, y22).sub_(torch.maximum(y11, y21)).clamp_(min=0)
+    inter = w.mul_(h)
+    union = (area1 + area2).sub_(inter).clamp_(min=eps)
+    iou = inter.div_(union)  # inter is not needed any more
+    if mode == "iou":
+        return iou
+    ew = torch.maximum(x12, x22).sub_(torch.minimum(x11, x21)).clamp_(min=0)
+    eh = torch.maximum(y12, y22).sub_(torch.minimum(y11, y21)).clamp_(min=0)
+    enclose = ew.mul_(eh).clamp_(min=eps)
+    return iou.sub_((enclose - union).div_(enclose))
 
 
 def clip_boxes(boxes: Tensor, height: int | float, width: int | float) -> Tensor:

@@ -1,0 +1,173 @@
+"""Task-aligned assignment (TOOD; PP-YOLOE and Ultralytics YOLOv8 use it), batched.
+
+For every object and every prior whose centre lies strictly inside the box (by more than
+1e-9, Ultralytics' margin), the alignment metric is ``t = s**alpha * IoU**beta`` with ``s`` the
+prior's score on the object's class and IoU that of the prior's predicted box with the object.
+The object keeps its ``topk`` largest ``t`` among those priors, written as a rank comparison:
+``t >= (its topk-th largest t)`` and ``t > 0`` (mmdet's ``metric > 0``), so exact ties at
+the k-th place are all kept instead of being cut by an arbitrary sort order.
+A prior chosen by several objects goes to the one, among those that chose it, whose IoU with
+the prediction is highest (ties → lowest object index).
+
+Extra output ``align_target [B, A]``: per object, ``t * max_pos(IoU) / (max_pos(t) + 1e-9)``
+over the object's final positives, i.e. the alignment metric scaled so that the object's best
+positive gets the object's best IoU (the soft classification target of TOOD/YOLOv8).
+
+Differences from Ultralytics' ``TaskAlignedAssigner``: plain IoU instead of CIoU in ``t``, and
+conflicts are resolved among the objects that chose the prior (mmdet) rather than over every
+object whose box contains it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from densedet.assign import common
+from densedet.assign.base import Assigner, Assignment
+from densedet.assign.fcos import apply_ensure_each_gt, object_slices
+from densedet.boxes import box_iou
+
+INSIDE_EPS = 1e-9
+NORM_EPS = 1e-9
+
+
+def int_pow(x: Tensor, exponent: float) -> Tensor:
+    """``x ** exponent``; by repeated multiplication when the exponent is a small
+    non-negative integer (``iou ** 6`` through ``pow`` costs a log and an exp per element)."""
+    if exponent == 1.0:
+        return x
+    if float(exponent).is_integer() and 0 <= exponent <= 16:
+        n = int(exponent)
+        result = torch.ones_like(x) if n == 0 else None
+        base = x
+        while n:
+            if n & 1:
+                result = base if result is None else result * base
+            n >>= 1
+            if n:
+                base = base * base
+        return result
+    return x.pow(exponent)
+
+
+def topk_rank_mask(metric: Tensor, k: int) -> Tensor:
+    """``[B, G, A]`` bool: ``metric >= its row's k-th largest value`` and ``metric > 0``."""
+    k = min(k, metric.shape[-1])
+    if k == 0:
+        return torch.zeros_like(metric, dtype=torch.bool)
+    kth = metric.topk(k, dim=-1).values[..., -1:]  # [B, G, 1]
+    return (metric >= kth) & (metric > 0)
+
+
+def class_scores_bag(pred_scores: Tensor, gt_labels: Tensor) -> Tensor:
+    """Each prior's score on each object's class, ``[B, A, C]``, ``[B, G]`` -> ``[B, A, G]``.
+
+    Gathers along the class axis, reading each prior's row of C scores once for all objects;
+    gathering along A per object (slice) instead streams the whole ``[B, A, C]`` score tensor
+    through the cache once per slice. Slice it as ``[:, :, part].transpose(1, 2)``.
+    """
+    B, A, C = pred_scores.shape
+    idx = gt_labels.clamp(0, C - 1)[:, None, :].expand(B, A, gt_labels.shape[1])
+    return pred_scores.gather(2, idx)
+
+
+class TALAssigner(Assigner):
+    """Task-aligned assigner; see the module docstring for the exact rule."""
+
+    name = "tal"
+
+    def __init__(self, num_classes: int, topk: int = 13, alpha: float = 1.0, beta: float = 6.0,
+                 ensure_each_gt: bool = False):
+        super().__init__(num_classes)
+        if not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        self.topk = topk
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.ensure_each_gt = bool(ensure_each_gt)
+
+    def assign(self, priors: Tensor, pred_scores: Tensor, pred_boxes: Tensor, gt_boxes: Tensor,
+               gt_labels: Tensor, gt_valid: Tensor) -> Assignment:
+        B, A, _ = pred_scores.shape
+        G = gt_boxes.shape[1]
+        dev = priors.device
+        points = priors[:, :2]
+        # running winner per prior over the object slices: highest IoU among the objects that
+        # chose it; a later slice must beat it strictly, so ties keep the lowest object index
+        best_iou = torch.full((B, A), -1.0, device=dev)
+        gt_index = torch.full((B, A), -1, dtype=torch.long, device=dev)
+        own_metric = torch.zeros((B, A), device=dev)
+        candidates = torch.empty((B, G, A), dtype=torch.bool, device=dev)  # every slice fills it
+        chosen_all = torch.zeros((B, G, A), dtype=torch.bool, device=dev) if self.ensure_each_gt \
+            else None
+        cost_all = torch.zeros((B, G, A), device=dev) if self.ensure_each_gt else None
+        all_scores = class_scores_bag(pred_scores, gt_labels)  # [B, A, G], one pass over scores
+        for part in object_slices(B, G, A):
+            boxes = gt_boxes[:, part]
+            inside = common.points_in_boxes(points, boxes, eps=INSIDE_EPS)
+            inside &= gt_valid[:, part, None]  # [B, g, A]
+            ious = box_iou(boxes, pred_boxes)  # [B, g, A]
+            scores = all_scores[:, :, part].transpose(1, 2)  # [B, g, A] view
+            metric = int_pow(scores, self.alpha) * int_pow(ious, self.beta)
+            metric.masked_fill_(~inside, 0.0)
+            chosen = topk_rank_mask(metric, self.topk) & inside
+            part_best, part_idx = ious.masked_fill(~chosen, -1.0).max(dim=1)  # [B, A]
+            better = part_best > best_iou
+            best_iou = torch.where(better, part_best, best_iou)
+            gt_index = torch.where(better, part_idx + part.start, gt_index)
+            own_metric = torch.where(better, metric.gather(1, part_idx[:, None]).squeeze(1),
+                                     own_metric)
+            candidates[:, part] = inside
+            if chosen_all is not None:
+                chosen_all[:, part] = chosen
+                cost_all[:, part] = -ious
+        if self.ensure_each_gt:
+            gt_index = apply_ensure_each_gt(gt_index, chosen_all, cost_all)
+            best_iou, own_metric = self._recompute_owned(gt_index, priors, pred_scores,
+                                                         pred_boxes, gt_boxes, gt_labels)
+        pos = gt_index >= 0
+        quality = torch.where(pos, best_iou, 0.0)
+        align_target = self._align_target(gt_index, own_metric, quality, G)
+        return self._result(gt_index, gt_labels, quality, align_target, candidates)
+
+    def _recompute_owned(self, gt_index: Tensor, priors: Tensor, pred_scores: Tensor,
+                         pred_boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor):
+        """IoU and metric of each prior with its (possibly rescued) object, ``[B, A]`` each."""
+        B, A = gt_index.shape
+        idx = gt_index.clamp(min=0)
+        box = gt_boxes.gather(1, idx[..., None].expand(B, A, 4))
+        iou = box_iou(pred_boxes, box, aligned=True)
+        label = gt_labels.gather(1, idx).clamp(0, pred_scores.shape[-1] - 1)
+        score = pred_scores.gather(2, label[..., None]).squeeze(-1)
+        metric = int_pow(score, self.alpha) * int_pow(iou, self.beta)
+        pos = gt_index >= 0
+        return torch.where(pos, iou, -1.0), torch.where(pos, metric, 0.0)
+
+    @staticmethod
+    def _align_target(gt_index: Tensor, own_metric: Tensor, own_iou: Tensor, G: int) -> Tensor:
+        """``[B, A]`` metric normalised per object so its best positive gets its best IoU.
+
+        The per-object maxima over its positives are ``scatter_reduce`` over ``[B, A]``
+        (slot G collects background), so no ``[B, G, A]`` tensor is needed.
+        """
+        B, A = gt_index.shape
+        slot = torch.where(gt_index >= 0, gt_index, G)
+        zeros = own_metric.new_zeros((B, G + 1))
+        best_metric = zeros.scatter_reduce(1, slot, own_metric, reduce="amax", include_self=True)
+        best_iou = zeros.scatter_reduce(1, slot, own_iou, reduce="amax", include_self=True)
+        scale = best_iou / (best_metric + NORM_EPS)  # [B, G + 1]
+        target = own_metric * scale.gather(1, slot)
+        return torch.where(gt_index >= 0, target, torch.zeros_like(target))
+
+    @staticmethod
+    def _result(gt_index: Tensor, gt_labels: Tensor, quality: Tensor, align_target: Tensor,
+                candidates: Tensor) -> Assignment:
+        pos = gt_index >= 0
+        if gt_labels.shape[1] == 0:
+            labels = torch.full_like(gt_index, -1)
+        else:
+            labels = torch.where(pos, gt_labels.gather(1, gt_index.clamp(min=0)), -1)
+        # the contract's fields, filled like common.build_assignment does (quality is
+        # already the IoU with the assigned object, gathered on the fly above)
+        return Assignment(gt_index=gt_index, labels=labels, quality=quality,
+                          align_target=align_target, candidate_mask=candidates)
