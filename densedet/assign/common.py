@@ -2,23 +2,44 @@
 conflict resolution. All batched over images and objects, free of host syncs.
 
 Shapes: B images, G (padded) objects, A priors, C classes.
+
+Memory: the crowd case (B=2, G=500, A=8400) makes one ``[B, G, A]`` float32 tensor 34 MB, so
+these helpers never build ``[B, G, A, 4]`` (or ``[B, G, A, C]``), work axis by axis, reuse
+buffers in place where that is safe, and chunk the pairwise IoU over objects.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from densedet.assign.base import Assignment
-from densedet.boxes import box_to_distance
+from densedet.boxes import box_iou
 
 INF = float("inf")
+
+#: elements of one ``[B, g, A]`` slice in :func:`pairwise_iou`; ``box_iou`` keeps a few
+#: ``[B, g, A]`` (older versions ``[B, g, A, 2]``) temporaries alive; this bounds them.
+IOU_CHUNK_ELEMENTS = 1 << 22
+
+
+# --------------------------------------------------------------------------- geometry
+def _strictly_between(v: Tensor, lo: Tensor, hi: Tensor, eps: float) -> Tensor:
+    """``(v - lo > eps) & (hi - v > eps)`` by broadcasting; one axis of an inside test."""
+    if eps == 0.0:
+        # v - lo > 0 <=> v > lo exactly in IEEE arithmetic (gradual underflow), and the
+        # comparison skips a float temporary.
+        return (v > lo) & (hi > v)
+    return ((v - lo) > eps) & ((hi - v) > eps)
 
 
 def points_in_boxes(points: Tensor, gt_boxes: Tensor, eps: float = 0.0) -> Tensor:
     """Whether each point lies strictly inside each box by more than ``eps``.
+
+    Equal to ``box_to_distance(points, boxes).amin(-1) > eps`` without the ``[B, G, A, 4]``
+    distances: the minimum over l, t, r, b exceeds ``eps`` iff each of them does.
 
     Args:
         points: ``[A, 2]`` (x, y).
@@ -26,13 +47,19 @@ def points_in_boxes(points: Tensor, gt_boxes: Tensor, eps: float = 0.0) -> Tenso
     Returns:
         ``[B, G, A]`` bool.
     """
-    ltrb = box_to_distance(points[None, None], gt_boxes[:, :, None])  # [B, G, A, 4]
-    return ltrb.amin(dim=-1) > eps
+    x, y = points[:, 0], points[:, 1]  # [A]
+    x1, y1, x2, y2 = (gt_boxes[..., i, None] for i in range(4))  # [B, G, 1] each
+    inside = _strictly_between(x, x1, x2, eps)
+    inside &= _strictly_between(y, y1, y2, eps)
+    return inside
 
 
 def points_in_centre_region(points: Tensor, radii: Tensor, gt_boxes: Tensor,
                             clip_to_box: bool = False) -> Tensor:
     """Whether each point lies inside a square of half-size ``radii`` around each box centre.
+
+    The square's sides are computed as ``centre -/+ radius`` (YOLOX's form) so borders fall
+    exactly where the reference implementations put them.
 
     Args:
         points: ``[A, 2]`` (x, y).
@@ -43,16 +70,72 @@ def points_in_centre_region(points: Tensor, radii: Tensor, gt_boxes: Tensor,
         ``[B, G, A]`` bool.
     """
     centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, G, 2]
-    r = radii[None, None, :, None]  # [1, 1, A, 1]
-    lo = centre[:, :, None] - r  # [B, G, A, 2]
-    hi = centre[:, :, None] + r
+    inside = None
+    for axis in range(2):
+        c = centre[..., axis, None]  # [B, G, 1]
+        axis_in = _strictly_between(points[:, axis], c - radii, c + radii, 0.0)  # [B, G, A]
+        inside = axis_in if inside is None else inside.logical_and_(axis_in)
     if clip_to_box:
-        lo = torch.maximum(lo, gt_boxes[:, :, None, :2])
-        hi = torch.minimum(hi, gt_boxes[:, :, None, 2:])
-    p = points[None, None]
-    return ((p - lo).amin(dim=-1) > 0) & ((hi - p).amin(dim=-1) > 0)
+        # max(lo, x1) < x < min(hi, x2)  <=>  lo < x < hi and x1 < x < x2
+        inside &= points_in_boxes(points, gt_boxes)
+    return inside
 
 
+def box_and_centre_masks(points: Tensor, radii: Tensor, gt_boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """Inside-box and inside-centre-square masks together (SimOTA's geometry), from one
+    ``|point - centre|`` per axis: inside the box is ``|d| < half-size`` and inside the square
+    ``|d| < radius``. Equal to :func:`points_in_boxes` / :func:`points_in_centre_region`
+    except for points within rounding of a border (a few ulp) and with fewer passes over
+    ``[B, G, A]`` (12 instead of about 22).
+
+    Args:
+        points: ``[A, 2]``; radii: ``[A]``; gt_boxes: ``[B, G, 4]`` xyxy.
+    Returns:
+        ``(in_box, in_centre)``, each ``[B, G, A]`` bool.
+    """
+    centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, G, 2]
+    half = (gt_boxes[..., 2:] - gt_boxes[..., :2]) / 2
+    in_box = in_centre = None
+    for axis in range(2):
+        d = (points[:, axis] - centre[..., axis, None]).abs_()  # [B, G, A]
+        box_axis = d < half[..., axis, None]
+        centre_axis = d < radii
+        del d
+        in_box = box_axis if in_box is None else in_box.logical_and_(box_axis)
+        in_centre = centre_axis if in_centre is None else in_centre.logical_and_(centre_axis)
+    return in_box, in_centre
+
+
+def pairwise_iou(pred_boxes: Tensor, gt_boxes: Tensor) -> Tensor:
+    """IoU of every object with every prior's predicted box.
+
+    ``densedet.boxes.box_iou`` on slices of objects, so that its ``[B, g, A, 2]``
+    intermediates stay bounded (see :data:`IOU_CHUNK_ELEMENTS`); the number of slices
+    depends on shapes only.
+
+    Args:
+        pred_boxes: ``[B, A, 4]`` xyxy.
+        gt_boxes: ``[B, G, 4]`` xyxy.
+    Returns:
+        ``[B, G, A]`` IoU in [0, 1].
+    """
+    B, A, _ = pred_boxes.shape
+    G = gt_boxes.shape[1]
+    step = max(1, IOU_CHUNK_ELEMENTS // max(1, B * A))
+    if G <= step:
+        return box_iou(gt_boxes, pred_boxes)
+    out = pred_boxes.new_empty((B, G, A))
+    for start in range(0, G, step):
+        out[:, start:start + step] = box_iou(gt_boxes[:, start:start + step], pred_boxes)
+    return out
+
+
+def neg_log_iou(ious: Tensor, eps: float) -> Tensor:
+    """``-log(iou + eps)`` as a new tensor (the IoU cost of YOLOX, NanoDet, LLA)."""
+    return ious.add(eps).log_().neg_()
+
+
+# ------------------------------------------------------------------------ class cost
 def gather_gt_class_scores(pred_scores: Tensor, gt_labels: Tensor) -> Tensor:
     """Each prior's score on each object's class.
 
@@ -60,15 +143,17 @@ def gather_gt_class_scores(pred_scores: Tensor, gt_labels: Tensor) -> Tensor:
         pred_scores: ``[B, A, C]``.
         gt_labels: ``[B, G]`` int64 (padding rows may hold any value; they are clamped).
     Returns:
-        ``[B, G, A]``.
+        ``[B, G, A]`` (contiguous).
     """
     B, A, C = pred_scores.shape
-    idx = gt_labels.clamp(0, C - 1)[:, None, :].expand(B, A, gt_labels.shape[1])
-    return pred_scores.gather(2, idx).transpose(1, 2)
+    idx = gt_labels.clamp(0, C - 1)[:, :, None].expand(B, gt_labels.shape[1], A)
+    return pred_scores.transpose(1, 2).gather(1, idx)
 
 
 def split_class_cost(pred_scores: Tensor, gt_labels: Tensor, target: Tensor | float,
-                     pair_cost: Callable[[Tensor, Tensor | float], Tensor]) -> Tensor:
+                     pair_cost: Callable[[Tensor, Tensor | float], Tensor],
+                     correction: Callable[[Tensor, Tensor | float], Tensor] | None = None,
+                     background: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``sum_c pair_cost(p_c, y_c)`` for a target ``y`` that is ``target`` at the object's class
     and 0 elsewhere, without materialising ``[B, G, A, C]``.
 
@@ -80,20 +165,205 @@ def split_class_cost(pred_scores: Tensor, gt_labels: Tensor, target: Tensor | fl
         gt_labels: ``[B, G]``.
         target: ``[B, G, A]`` target at the object's class (or a scalar, e.g. 1 for one-hot).
         pair_cost: element-wise ``f(p, y)``, broadcasting.
+        correction: optional closed form of ``f(p, t) - f(p, 0)`` (fewer passes over
+            ``[B, G, A]``, e.g. :func:`bce_onehot_correction`).
+        background: optional closed form of ``sum_c f(p_c, 0)`` -> ``[B, A]`` (e.g.
+            :func:`bce_background`); it runs over ``[B, A, C]``, the biggest tensor here.
     Returns:
-        ``[B, G, A]``.
+        ``[B, G, A]`` (a new tensor the caller may modify in place).
     """
-    background = pair_cost(pred_scores, 0.0).sum(dim=-1)  # [B, A]
+    if background is None:
+        bg = pair_cost(pred_scores, 0.0).sum(dim=-1)  # [B, A]
+    else:
+        bg = background(pred_scores)
     p_gt = gather_gt_class_scores(pred_scores, gt_labels)  # [B, G, A]
-    return background[:, None, :] + pair_cost(p_gt, target) - pair_cost(p_gt, 0.0)
+    if correction is not None:
+        cost = correction(p_gt, target)
+    else:
+        cost = pair_cost(p_gt, target)
+        cost -= pair_cost(p_gt, 0.0)  # in place: at most three [B, G, A] alive here
+    del p_gt
+    cost += bg[:, None, :]
+    return cost
+
+
+def bce_background(p: Tensor) -> Tensor:
+    """``sum_c BCE(p_c, 0)`` over the last axis: the sign flip happens after the sum."""
+    return p.neg().log1p_().clamp_(min=-100.0).sum(dim=-1).neg_()
+
+
+def bce_onehot_correction(p: Tensor, y: Tensor | float = 1.0) -> Tensor:
+    """``BCE(p, 1) - BCE(p, 0) = log((1 - p) / p)``, clamped to [-100, 100] as the two clamped
+    logs are (p = 0 gives 100, p = 1 gives -100). Only for the one-hot target ``y = 1``."""
+    if not _is_scalar(y, 1.0):
+        raise ValueError("bce_onehot_correction is the one-hot (target 1) case only")
+    return torch.rsub(p, 1.0).div_(p).log_().clamp_(min=-100.0, max=100.0)
+
+
+def _is_scalar(y: Tensor | float, value: float) -> bool:
+    return isinstance(y, (int, float)) and float(y) == value
 
 
 def bce_cost(p: Tensor, y: Tensor | float) -> Tensor:
-    """Element-wise binary cross-entropy of probabilities (log clamped at -100 like torch)."""
+    """Element-wise binary cross-entropy of probabilities (logs clamped at -100 like torch).
+
+    A scalar target of 0 or 1 needs one log instead of two (the background term over
+    ``[B, A, C]`` is the largest piece of work in the class cost).
+    """
+    if _is_scalar(y, 0.0):
+        return p.neg().log1p_().clamp_(min=-100.0).neg_()  # one temporary, not two
+    if _is_scalar(y, 1.0):
+        return p.log().clamp_(min=-100.0).neg_()
     y = torch.as_tensor(y, dtype=p.dtype, device=p.device).expand_as(p)
     return F.binary_cross_entropy(p, y, reduction="none")
 
 
+def focal_cost(p: Tensor, y: Tensor | float, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Element-wise sigmoid focal loss written on probabilities.
+
+    ``-alpha * y * (1-p)^gamma * log(p) - (1-alpha) * (1-y) * p^gamma * log(1-p)``, logs
+    clamped at -100 (as ``binary_cross_entropy``) so that p = 0 or 1 gives a finite value
+    instead of ``0 * inf = NaN``. A scalar target of 0 or 1 skips the vanishing half; at
+    most two temporaries of ``p``'s size are alive at once.
+    """
+    out = None
+    if not _is_scalar(y, 0.0):
+        out = p.log().clamp_(min=-100.0).mul_((1 - p).pow_(gamma)).mul_(-alpha)
+        if not isinstance(y, (int, float)) or y != 1:
+            out.mul_(y)
+    if not _is_scalar(y, 1.0):
+        neg = p.neg().log1p_().clamp_(min=-100.0).mul_(p.pow(gamma)).mul_(-(1 - alpha))
+        if not isinstance(y, (int, float)) or y != 0:
+            neg.mul_(1 - y)
+        out = neg if out is None else out.add_(neg)
+    return out
+
+
+# ----------------------------------------------------------------------- selection
+# The methods here pick at most n (a static bound: candidate_topk or topk) priors per object,
+# so the choice is kept sparse: ``Selection.index [B, G, n]`` are each object's n cheapest
+# priors in ascending cost and ``taken [B, G, n]`` says which of them it takes (a prefix).
+# Counting matches per prior and resolving conflicts then costs O(B*G*n), not O(B*G*A).
+class Selection(NamedTuple):
+    index: Tensor  # [B, G, n] int64 prior indices, ascending cost
+    cost: Tensor  # [B, G, n] their costs
+    taken: Tensor  # [B, G, n] bool, a prefix of each row
+
+
+def mask_non_candidates(cost: Tensor, ious: Tensor, candidate: Tensor, gt_valid: Tensor) -> None:
+    """In place: cost ``inf`` and IoU 0 outside the candidate priors, cost ``inf`` on padding
+    rows, so that :func:`select_dynamic_k` needs no masked copies.
+
+    Args:
+        cost, ious: ``[B, G, A]``, modified.
+        candidate: ``[B, 1, A]`` or ``[B, G, A]`` bool.
+        gt_valid: ``[B, G]`` bool.
+    """
+    outside = ~candidate
+    cost.masked_fill_(outside, INF)
+    cost.masked_fill_(~gt_valid[..., None], INF)
+    ious.masked_fill_(outside, 0.0)
+
+
+def select_cheapest(cost: Tensor, n: int, k: Tensor | None = None) -> Selection:
+    """Each object's ``k`` cheapest priors (``k <= n``), never one of infinite cost.
+
+    Args:
+        cost: ``[B, G, A]``, ``inf`` at pairs that must not be chosen (non-candidates,
+            padding rows).
+        n: static upper bound of ``k`` (the ``topk`` size).
+        k: ``[B, G]`` per-object count, or None for ``n`` everywhere.
+    """
+    n = min(n, cost.shape[-1])
+    top_cost, index = cost.topk(n, dim=-1, largest=False)  # [B, G, n] ascending
+    taken = torch.isfinite(top_cost)
+    if k is not None:
+        taken &= torch.arange(n, device=cost.device) < k[..., None]
+    return Selection(index, top_cost, taken)
+
+
+def select_dynamic_k(cost: Tensor, ious: Tensor, candidate_topk: int) -> Selection:
+    """SimOTA's dynamic-k selection on pre-masked inputs (no ``[B, G, A]`` copies).
+
+    ``k = max(1, floor(sum of the object's candidate_topk largest IoUs over candidates))``;
+    since IoU <= 1, ``k <= candidate_topk``, so one fixed-size ``topk`` and a rank comparison
+    replace the per-object ``topk(k)``.
+
+    Args:
+        cost: ``[B, G, A]``, ``inf`` at non-candidate pairs and padding rows.
+        ious: ``[B, G, A]``, 0 at non-candidate pairs.
+    """
+    n = min(candidate_topk, cost.shape[-1])
+    k = ious.topk(n, dim=-1).values.sum(dim=-1).floor_().clamp_(min=1)  # [B, G]
+    return select_cheapest(cost, n, k)
+
+
+def resolve_selection(sel: Selection, cost: Tensor, gt_valid: Tensor) -> Tensor:
+    """:func:`resolve_to_cheapest` on a sparse selection: a prior taken once keeps its
+    object; taken several times it goes to the cheapest of ALL valid objects.
+
+    Args:
+        sel: the selection.
+        cost: ``[B, G, A]`` (read at the selected priors only, when that is cheaper).
+        gt_valid: ``[B, G]`` bool.
+    Returns:
+        ``[B, A]`` int64 object index, -1 for background.
+    """
+    B, G, A = cost.shape
+    n = sel.index.shape[-1]
+    index = sel.index.reshape(B, G * n)
+    taken = sel.taken.reshape(B, G * n)
+    gids = torch.arange(G, device=cost.device).repeat_interleave(n).expand(B, G * n)
+    count = torch.zeros((B, A), dtype=torch.long, device=cost.device)
+    count.scatter_add_(1, index, taken.long())
+    owner = torch.full((B, A), -1, dtype=torch.long, device=cost.device)
+    owner.scatter_reduce_(1, index, torch.where(taken, gids, -1), reduce="amax")
+    if G * n <= A:
+        # the cost columns of the selected priors only: [B, G, G*n]
+        columns = cost.gather(2, index[:, None, :].expand(B, G, G * n))
+        cheapest = columns.masked_fill_(~gt_valid[..., None], INF).argmin(dim=1)  # [B, G*n]
+        # duplicates of a prior carry the same value, so the scatter is deterministic
+        cheapest = torch.full_like(owner, -1).scatter_(1, index, cheapest)
+    else:
+        cheapest = cost.masked_fill(~gt_valid[..., None], INF).argmin(dim=1)  # [B, A]
+    return torch.where(count > 1, cheapest, owner)
+
+
+def rescue_lost(gt_index: Tensor, sel: Selection) -> Tensor:
+    """:func:`ensure_each_gt` on a sparse selection: an object that took priors but kept none
+    gets its cheapest taken prior (``sel.index[..., 0]``) back; rescued objects wanting the
+    same prior: the cheaper wins, equal cost the lower index.
+
+    Args:
+        gt_index: ``[B, A]`` after conflict resolution.
+        sel: the selection before conflict resolution.
+    Returns:
+        ``[B, A]`` int64.
+    """
+    B, G, _ = sel.index.shape
+    A = gt_index.shape[1]
+    owned = torch.zeros((B, G + 1), dtype=torch.long, device=gt_index.device)
+    owned.scatter_add_(1, gt_index + 1, torch.ones_like(gt_index))  # slot 0: background
+    lost = sel.taken[..., 0] & (owned[:, 1:] == 0)  # [B, G]; taken is a prefix
+    return _rescue(gt_index, lost, sel.index[..., 0], sel.cost[..., 0])
+
+
+def _rescue(gt_index: Tensor, lost: Tensor, best_prior: Tensor, best_cost: Tensor) -> Tensor:
+    """Give each ``lost`` object its ``best_prior``; the cheaper (then lower index) wins ties."""
+    B, G = lost.shape
+    A = gt_index.shape[1]
+    best_cost = best_cost.masked_fill(~lost, INF)
+    want = torch.full((B, A), INF, device=best_cost.device, dtype=best_cost.dtype)
+    want.scatter_reduce_(1, best_prior, best_cost, reduce="amin")  # order-independent
+    winner = lost & (best_cost <= want.gather(1, best_prior))
+    gids = torch.arange(G, device=gt_index.device).expand(B, G)
+    pick = torch.full((B, A), G, device=gt_index.device, dtype=torch.long)
+    pick.scatter_reduce_(1, best_prior, torch.where(winner, gids, G), reduce="amin")
+    return torch.where(pick < G, pick, gt_index)
+
+
+# Dense forms of the same steps ([B, G, A] bool matchings), for methods that build their
+# matching differently.
 def dynamic_k_matching(cost: Tensor, ious: Tensor, candidates: Tensor, candidate_topk: int) -> Tensor:
     """SimOTA's dynamic-k selection, batched.
 
@@ -101,26 +371,46 @@ def dynamic_k_matching(cost: Tensor, ious: Tensor, candidates: Tensor, candidate
     ``k = max(1, floor(sum of its candidate_topk largest IoUs over candidates))``.
     Since every IoU is at most 1, ``k <= candidate_topk``, so one fixed-size ``topk`` and a
     rank comparison replace the per-object ``topk(k)`` of the reference implementations.
+    An object with fewer than ``k`` candidates takes all of them.
 
     Args:
         cost: ``[B, G, A]`` pair cost (any values at non-candidates; they are never chosen).
         ious: ``[B, G, A]`` IoU of each object with each prior's prediction.
-        candidates: ``[B, G, A]`` bool, pairs that may be chosen (padding rows all False).
+        candidates: bool broadcastable to ``[B, G, A]`` (e.g. ``[B, 1, A]``), pairs that may
+            be chosen (padding rows must be False).
     Returns:
         ``[B, G, A]`` bool matching before conflict resolution.
     """
-    A = cost.shape[-1]
-    n = min(candidate_topk, A)
-    if n == 0:
-        return torch.zeros_like(candidates)
-    top_ious = ious.masked_fill(~candidates, 0.0).topk(n, dim=-1).values  # [B, G, n]
-    k = top_ious.sum(dim=-1).floor().clamp(min=1)  # [B, G]
-    masked = cost.masked_fill(~candidates, INF)
-    top_cost, top_idx = masked.topk(n, dim=-1, largest=False)  # [B, G, n]
-    rank = torch.arange(n, device=cost.device)
-    take = (rank < k[..., None]) & torch.isfinite(top_cost)
-    matched = torch.zeros_like(candidates)
-    return matched.scatter(-1, top_idx, take)
+    B, G, A = cost.shape
+    if min(candidate_topk, A) == 0 or G == 0:
+        return torch.zeros((B, G, A), dtype=torch.bool, device=cost.device)
+    not_cand = ~candidates
+    sel = select_dynamic_k(cost.masked_fill(not_cand, INF), ious.masked_fill(not_cand, 0.0),
+                           candidate_topk)
+    return selection_mask(sel, A)
+
+
+def selection_mask(sel: Selection, num_priors: int) -> Tensor:
+    """``[B, G, A]`` bool of the taken pairs of a selection."""
+    B, G, _ = sel.index.shape
+    matched = torch.zeros((B, G, num_priors), dtype=torch.bool, device=sel.index.device)
+    return matched.scatter_(-1, sel.index, sel.taken)
+
+
+def take_cheapest(cost: Tensor, n: int, k: Tensor | None = None) -> Tensor:
+    """Each object's ``k`` cheapest priors (``k <= n``), never one of infinite cost.
+
+    Args:
+        cost: ``[B, G, A]``, ``inf`` at pairs that must not be chosen.
+        n: static upper bound of ``k`` (the ``topk`` size).
+        k: ``[B, G]`` per-object count, or None for ``n`` everywhere.
+    Returns:
+        ``[B, G, A]`` bool.
+    """
+    B, G, A = cost.shape
+    if min(n, A) == 0 or G == 0:
+        return torch.zeros((B, G, A), dtype=torch.bool, device=cost.device)
+    return selection_mask(select_cheapest(cost, n, k), A)
 
 
 def resolve_to_cheapest(matched: Tensor, cost: Tensor, gt_valid: Tensor) -> Tensor:
@@ -137,19 +427,28 @@ def resolve_to_cheapest(matched: Tensor, cost: Tensor, gt_valid: Tensor) -> Tens
     Returns:
         ``[B, A]`` int64 object index, -1 for background.
     """
-    count = matched.sum(dim=1)  # [B, A]
-    single = matched.float().argmax(dim=1)
+    B, G, A = matched.shape
+    if G == 0:
+        return torch.full((B, A), -1, dtype=torch.long, device=matched.device)
+    # first and last matching object per prior; they differ iff several objects matched it
+    # (summing bools would materialise an int64 [B, G, A] copy)
+    as_bytes = matched.view(torch.uint8)
+    single = as_bytes.argmax(dim=1)  # [B, A] first True (argmax returns the first maximum)
+    several = single != (G - 1) - as_bytes.flip(1).argmax(dim=1)
+    # NaN-free: invalid rows are +inf and never chosen while a valid object exists; a prior
+    # can only be matched by valid objects, so a matched column has one.
     cheapest = cost.masked_fill(~gt_valid[..., None], INF).argmin(dim=1)
-    gt_index = torch.where(count > 1, cheapest, single)
-    return torch.where(count > 0, gt_index, torch.full_like(gt_index, -1))
+    gt_index = torch.where(several, cheapest, single)
+    return torch.where(matched.any(dim=1), gt_index, torch.full_like(gt_index, -1))
 
 
 def ensure_each_gt(gt_index: Tensor, matched: Tensor, cost: Tensor) -> Tensor:
     """Give every object that was matched to some prior but lost all of them in conflict
     resolution its cheapest matched prior back.
 
-    If two rescued objects want the same prior, the cheaper keeps it. A rescue may take the
-    only positive of another object; this is rare and accepted (the option is off by default).
+    If two rescued objects want the same prior, the cheaper keeps it (equal cost: the lower
+    index); the other stays without a prior. A rescue may take the only positive of another
+    object; this is rare and accepted (the option is off by default).
 
     Args:
         gt_index: ``[B, A]`` after conflict resolution.
@@ -159,20 +458,15 @@ def ensure_each_gt(gt_index: Tensor, matched: Tensor, cost: Tensor) -> Tensor:
         ``[B, A]`` int64.
     """
     B, G, A = matched.shape
-    owned = F.one_hot((gt_index + 1).clamp(min=0), G + 1)[..., 1:].transpose(1, 2).bool()  # [B,G,A]
-    lost = matched.any(dim=-1) & ~owned.any(dim=-1)  # [B, G]
-    masked = cost.masked_fill(~matched, INF)
-    best_cost, best_prior = masked.min(dim=-1)  # [B, G]
-    # among lost objects wanting the same prior, the cheaper wins: rank by cost, scatter in
-    # descending cost order with a deterministic reduce.
-    want = torch.full((B, A), INF, device=cost.device, dtype=cost.dtype)
-    want = want.scatter_reduce(1, best_prior, best_cost.masked_fill(~lost, INF), reduce="amin")
-    winner = lost & (best_cost <= want.gather(1, best_prior))
-    gids = torch.arange(G, device=gt_index.device).expand(B, G)
-    # several objects at exactly equal cost: the lowest index wins
-    pick = torch.full((B, A), G, device=gt_index.device, dtype=torch.long)
-    pick = pick.scatter_reduce(1, best_prior, torch.where(winner, gids, G), reduce="amin")
-    return torch.where(pick < G, pick, gt_index)
+    if G == 0:
+        return gt_index
+    # how many priors each object owns after resolution: one scatter over [B, A], not a
+    # [B, A, G] one-hot (slot 0 collects background)
+    owned = torch.zeros((B, G + 1), dtype=torch.long, device=gt_index.device)
+    owned.scatter_add_(1, gt_index + 1, torch.ones_like(gt_index))
+    lost = matched.any(dim=-1) & (owned[:, 1:] == 0)  # [B, G]
+    best_cost, best_prior = cost.masked_fill(~matched, INF).min(dim=-1)  # [B, G]
+    return _rescue(gt_index, lost, best_prior, best_cost)
 
 
 def build_assignment(gt_index: Tensor, gt_labels: Tensor, ious: Tensor, **extra) -> Assignment:
@@ -193,3 +487,10 @@ def build_assignment(gt_index: Tensor, gt_labels: Tensor, ious: Tensor, **extra)
         labels = torch.where(pos, gt_labels.gather(1, idx), -1)
         quality = torch.where(pos, ious.gather(1, idx[:, None]).squeeze(1), 0.0)
     return Assignment(gt_index=gt_index, labels=labels, quality=quality, **extra)
+
+
+def empty_assignment(B: int, A: int, device: torch.device, **extra) -> Assignment:
+    """Everything background (no objects in the batch)."""
+    gt_index = torch.full((B, A), -1, dtype=torch.long, device=device)
+    return Assignment(gt_index=gt_index, labels=gt_index.clone(),
+                      quality=torch.zeros((B, A), device=device), **extra)

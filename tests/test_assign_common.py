@@ -1,0 +1,213 @@
+"""The shared assigner pieces against plain definitions (loops / full tensors) and by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from densedet.assign import common
+from densedet.boxes import box_iou, box_to_distance
+
+
+def scene(seed=0, B=2, G=5, A=40, C=4):
+    gen = torch.Generator().manual_seed(seed)
+    points = torch.rand(A, 2, generator=gen) * 64
+    # integer corners put some prior centres exactly on borders (strictness matters there)
+    points[: A // 2] = points[: A // 2].round()
+    xy = torch.rand(B, G, 2, generator=gen) * 64 - 8
+    wh = torch.rand(B, G, 2, generator=gen) * 40
+    gt = torch.cat([xy, xy + wh], -1).round()
+    gt[0, 0, 2] = gt[0, 0, 0]  # zero width
+    scores = torch.rand(B, A, C, generator=gen)
+    labels = torch.randint(0, C, (B, G), generator=gen)
+    return gen, points, gt, scores, labels
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.01, 2.0])
+def test_points_in_boxes_matches_distance_definition(eps):
+    _, points, gt, _, _ = scene()
+    expected = box_to_distance(points[None, None], gt[:, :, None]).amin(-1) > eps
+    assert torch.equal(common.points_in_boxes(points, gt, eps), expected)
+    assert expected.any() and not expected.all()
+
+
+def test_points_in_centre_region_loop():
+    _, points, gt, _, _ = scene()
+    radii = torch.rand(points.shape[0], generator=torch.Generator().manual_seed(1)) * 20
+    radii[:5] = 8.0
+    got = common.points_in_centre_region(points, radii, gt)
+    got_clip = common.points_in_centre_region(points, radii, gt, clip_to_box=True)
+    # the fused form agrees (integer corners and radii: no rounding at the borders)
+    fused_box, fused_centre = common.box_and_centre_masks(points.round(), radii.round(), gt)
+    assert torch.equal(fused_box, common.points_in_boxes(points.round(), gt))
+    assert torch.equal(fused_centre, common.points_in_centre_region(points.round(), radii.round(), gt))
+    B, G, _ = gt.shape
+    for b in range(B):
+        for g in range(G):
+            x1, y1, x2, y2 = gt[b, g].tolist()
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            for a, (px, py) in enumerate(points.tolist()):
+                r = float(radii[a])
+                inside = cx - r < px < cx + r and cy - r < py < cy + r
+                assert bool(got[b, g, a]) == inside
+                clipped = max(cx - r, x1) < px < min(cx + r, x2) and max(cy - r, y1) < py < min(cy + r, y2)
+                assert bool(got_clip[b, g, a]) == clipped
+    assert got.any() and got_clip.any()
+
+
+def test_points_in_centre_region_hand():
+    # box [0, 0, 10, 10], centre (5, 5), radius 2: x in (3, 7) exclusive
+    pts = torch.tensor([[5.0, 5.0], [3.0, 5.0], [6.9, 6.9], [7.0, 5.0], [5.0, 8.0]])
+    got = common.points_in_centre_region(pts, torch.full((5,), 2.0), torch.tensor([[[0.0, 0, 10, 10]]]))
+    assert got[0, 0].tolist() == [True, False, True, False, False]
+
+
+def test_pairwise_iou_chunked_equals_box_iou(monkeypatch):
+    gen, _, gt, _, _ = scene(G=7)
+    pred = torch.rand(2, 30, 4, generator=gen) * 64
+    pred[..., 2:] += pred[..., :2]
+    full = box_iou(gt, pred)
+    monkeypatch.setattr(common, "IOU_CHUNK_ELEMENTS", 2 * 30 * 3)  # 3 objects per slice
+    assert torch.equal(common.pairwise_iou(pred, gt), full)
+
+
+def test_gather_gt_class_scores():
+    _, _, _, scores, labels = scene()
+    got = common.gather_gt_class_scores(scores, labels)
+    for b in range(2):
+        for g in range(labels.shape[1]):
+            assert torch.equal(got[b, g], scores[b, :, labels[b, g]])
+
+
+@pytest.mark.parametrize("cost_fn", [common.bce_cost, common.focal_cost])
+@pytest.mark.parametrize("scalar", [True, False])
+def test_split_class_cost_equals_full_sum(cost_fn, scalar):
+    gen, _, _, scores, labels = scene()
+    B, A, C = scores.shape
+    G = labels.shape[1]
+    target = 1.0 if scalar else torch.rand(B, G, A, generator=gen)
+    got = common.split_class_cost(scores, labels, target, cost_fn)
+    onehot = torch.nn.functional.one_hot(labels, C).float()[:, :, None]  # [B, G, 1, C]
+    t = onehot * (target if scalar else target[..., None])
+    expected = cost_fn(scores[:, None].expand(B, G, A, C), t).sum(-1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_focal_cost_hand_and_finite():
+    p = torch.tensor([0.5, 0.0, 1.0, 0.9])
+    pos = common.focal_cost(p, 1.0)
+    neg = common.focal_cost(p, 0.0)
+    # 0.25 * 0.5^2 * log 2 and 0.75 * 0.5^2 * log 2
+    torch.testing.assert_close(pos[0], torch.tensor(0.25 * 0.25 * 0.6931472))
+    torch.testing.assert_close(neg[0], torch.tensor(0.75 * 0.25 * 0.6931472))
+    assert torch.isfinite(pos).all() and torch.isfinite(neg).all()
+    assert pos[2] == 0 and neg[1] == 0 and pos[1] == 25.0  # clamp at 100: 0.25 * 1 * 100
+
+
+def loop_dynamic_k(cost, ious, cand, topk):
+    B, G, A = cost.shape
+    out = torch.zeros(B, G, A, dtype=torch.bool)
+    for b in range(B):
+        for g in range(G):
+            idx = torch.nonzero(cand[b, g]).flatten()
+            if len(idx) == 0:
+                continue
+            k = max(1, int(ious[b, g, idx].topk(min(topk, len(idx))).values.sum()))
+            out[b, g, idx[cost[b, g, idx].argsort()[:k]]] = True
+    return out
+
+
+def test_dynamic_k_matching_loop():
+    gen = torch.Generator().manual_seed(3)
+    B, G, A = 2, 6, 50
+    cost = torch.rand(B, G, A, generator=gen) * 10
+    ious = torch.rand(B, G, A, generator=gen)
+    cand = torch.rand(B, G, A, generator=gen) < 0.5
+    cand[0, 0] = False  # no candidate: takes nothing
+    cand[0, 1] = False
+    cand[0, 1, 7] = True  # a single candidate: k = 1
+    got = common.dynamic_k_matching(cost, ious, cand, 10)
+    assert torch.equal(got, loop_dynamic_k(cost, ious, cand, 10))
+    assert got[0, 0].sum() == 0 and got[0, 1].tolist() == [a == 7 for a in range(A)]
+    assert (got.sum(-1)[:, 2:] > 1).any()
+    # broadcast candidates [B, 1, A]
+    got_b = common.dynamic_k_matching(cost, ious, cand[:, :1], 10)
+    assert torch.equal(got_b, loop_dynamic_k(cost, ious, cand[:, :1].expand(B, G, A), 10))
+
+
+def test_dynamic_k_hand():
+    # IoUs 0.9, 0.8, 0.5 over candidates -> k = floor(2.2) = 2 -> the two cheapest: 3 and 0
+    cost = torch.tensor([[[1.0, 5.0, 3.0, 0.5, 0.1]]])
+    ious = torch.tensor([[[0.9, 0.8, 0.5, 0.0, 0.99]]])
+    cand = torch.tensor([[[True, True, True, True, False]]])
+    got = common.dynamic_k_matching(cost, ious, cand, 10)
+    assert got[0, 0].tolist() == [True, False, False, True, False]
+
+
+def test_take_cheapest_skips_inf():
+    cost = torch.tensor([[[3.0, 1.0, float("inf"), 2.0], [float("inf")] * 4]])
+    got = common.take_cheapest(cost, 3)
+    assert got.tolist() == [[[True, True, False, True], [False] * 4]]
+
+
+def test_resolve_to_cheapest_hand():
+    # prior 0: objects 0 and 1 -> cheaper over ALL valid objects is object 2 (it did not pick
+    # it; the whole column counts), prior 1: only object 1, prior 2: nobody, prior 3: objects
+    # 0 and 1 -> object 0; object 3 is padding and never wins despite cost 0.
+    matched = torch.tensor([[[1, 0, 0, 1], [1, 1, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]]]).bool()
+    cost = torch.tensor([[[5.0, 9, 9, 1], [4, 2, 9, 2], [3, 9, 9, 9], [0, 0, 0, 0]]])
+    valid = torch.tensor([[True, True, True, False]])
+    assert common.resolve_to_cheapest(matched, cost, valid).tolist() == [[2, 1, -1, 0]]
+
+
+def test_ensure_each_gt_hand():
+    # after resolution object 0 owns nothing; its cheapest matched prior is 1 (cost 2) which
+    # object 2 also lost and wants at cost 3: object 0 (cheaper) gets it; object 2 stays
+    # without. Object 1 owns prior 0 already. Object 3 was never matched.
+    matched = torch.tensor([[[1, 1, 0], [1, 0, 0], [0, 1, 1], [0, 0, 0]]]).bool()
+    cost = torch.tensor([[[4.0, 2, 9], [1, 9, 9], [9, 3, 5], [0, 0, 0]]])
+    gt_index = torch.tensor([[1, -1, -1]])
+    got = common.ensure_each_gt(gt_index, matched, cost)
+    assert got.tolist() == [[1, 0, -1]]
+
+
+def test_build_assignment_and_empty():
+    gt_index = torch.tensor([[1, -1, 0]])
+    labels = torch.tensor([[7, 3]])
+    ious = torch.tensor([[[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]])
+    out = common.build_assignment(gt_index, labels, ious)
+    assert out.labels.tolist() == [[3, -1, 7]]
+    torch.testing.assert_close(out.quality, torch.tensor([[0.4, 0.0, 0.3]]))
+    empty = common.empty_assignment(2, 3, torch.device("cpu"))
+    assert (empty.gt_index == -1).all() and (empty.quality == 0).all()
+
+
+@pytest.mark.parametrize("G,n", [(6, 3), (12, 8)])  # G*n <= A (gathered columns) and > A
+def test_sparse_selection_equals_dense_steps(G, n):
+    gen = torch.Generator().manual_seed(G)
+    B, A = 3, 40
+    cost = torch.rand(B, G, A, generator=gen) * 10
+    cost[torch.rand(B, G, A, generator=gen) < 0.3] = float("inf")  # non-candidates
+    valid = torch.rand(B, G, generator=gen) < 0.8
+    cost.masked_fill_(~valid[..., None], float("inf"))
+    k = torch.randint(1, n + 1, (B, G), generator=gen)
+    sel = common.select_cheapest(cost, n, k)
+    matched = common.selection_mask(sel, A)
+    assert torch.equal(matched, common.take_cheapest(cost, n, k))
+    assert (matched.sum(1) > 1).any()  # conflicts exist
+    dense = common.resolve_to_cheapest(matched, cost, valid)
+    sparse = common.resolve_selection(sel, cost, valid)
+    assert torch.equal(sparse, dense)
+    assert torch.equal(common.rescue_lost(sparse, sel), common.ensure_each_gt(dense, matched, cost))
+
+
+def test_closed_form_backgrounds():
+    from densedet.assign.dsl import soft_label_background, soft_label_correction, soft_label_cost
+    p = torch.rand(2, 7, 5, generator=torch.Generator().manual_seed(4))
+    p[0, 0, :2] = torch.tensor([0.0, 1.0])  # the clamped ends
+    torch.testing.assert_close(common.bce_background(p), common.bce_cost(p, 0.0).sum(-1))
+    torch.testing.assert_close(soft_label_background(p), soft_label_cost(p, 0.0).sum(-1))
+    torch.testing.assert_close(common.bce_onehot_correction(p),
+                               common.bce_cost(p, 1.0) - common.bce_cost(p, 0.0))
+    t = torch.rand(2, 7, 5, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(soft_label_correction(p, t), soft_label_cost(p, t) - soft_label_cost(p, 0.0))
+    assert common.bce_background(p)[0, 0] >= 100  # p = 1 costs the clamped 100, not inf
