@@ -1,0 +1,229 @@
+"""The validated experiment config: one flat YAML file a user reads top to bottom.
+
+    from densedet.config import load_config
+    cfg = load_config("configs/yolox_nano.yaml", ["train.epochs=5", "data.classes=cat,dog"])
+
+Overrides are ``dotted.key=value``; the value is parsed as YAML (``train.amp=false``,
+``input_size=[320,416]``), and ``data.classes=a,b,c`` is also read as a comma list.
+Every section forbids unknown keys, so a typo fails at load time with the key named.
+
+Keys relied on from outside (keep them): ``data.root``, ``data.format``, ``data.classes``,
+``train.epochs``, ``train.batch_size``, ``input_size``, ``assigner.name``, ``output_dir``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from densedet.errors import DensedetError
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    """Which detector: ``densedet.models.build_model(name, num_classes, assigner, size, **params)``."""
+
+    name: str = "yolox"
+    size: Optional[str] = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AssignerConfig(_Section):
+    """Label assigner; ``name: null`` means the one the model family was published with."""
+
+    name: Optional[str] = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Section):
+    root: str = "data/synth"
+    format: Optional[Literal["voc", "coco", "yolo"]] = "voc"
+    classes: Optional[list[str]] = None
+    train_split: Optional[str] = "train"
+    val_split: Optional[str] = "val"
+    skip_unknown: bool = False
+    num_workers: int = Field(2, ge=0)
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _comma_list(cls, v):
+        # "a,b,c" from the command line is a list too
+        if isinstance(v, str):
+            return [c.strip() for c in v.split(",") if c.strip()]
+        return v
+
+
+class AugmentConfig(_Section):
+    """YOLOX-style augmentation (mosaic + mixup + random affine + HSV + flip)."""
+
+    mosaic_prob: float = Field(1.0, ge=0, le=1)
+    mixup_prob: float = Field(1.0, ge=0, le=1)
+    hsv_prob: float = Field(1.0, ge=0, le=1)
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    degrees: float = 10.0
+    translate: float = 0.1
+    mosaic_scale: tuple[float, float] = (0.1, 2.0)
+    mixup_scale: tuple[float, float] = (0.5, 1.5)
+    shear: float = 2.0
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(300, ge=1)
+    batch_size: int = Field(64, ge=1)  # total over all processes
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    # learning rate for 64 images per step; the real one is lr * batch_size / 64 (YOLOX).
+    lr: float = Field(0.01, gt=0)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = Field(5, ge=0)
+    warmup_lr_ratio: float = Field(0.0, ge=0)  # warmup starts at lr * this
+    no_aug_epochs: int = Field(15, ge=0)  # last epochs: no mosaic/mixup, L1 on, flat lr
+    min_lr_ratio: float = Field(0.05, ge=0)
+    ema: bool = True
+    ema_decay: float = Field(0.9998, gt=0, lt=1)
+    grad_clip: Optional[float] = None  # max gradient norm; null = off
+    amp: bool = True  # mixed precision; only takes effect on CUDA
+    multiscale: Optional[tuple[int, int]] = None  # [min, max] input side, multiples of 32
+    multiscale_interval: int = Field(10, ge=1)  # iterations between size changes
+    eval_interval: int = Field(10, ge=1)  # epochs; the last no_aug epochs evaluate every epoch
+    checkpoint_interval: int = Field(100, ge=0)  # iterations between last.pt saves; 0 = per epoch
+    seed: int = 0
+    device: str = "auto"  # auto = cuda if available, else cpu
+    log_interval: int = Field(10, ge=1)
+    init_weights: Optional[str] = None  # start from these weights (mismatched tensors skipped)
+
+
+class EvalConfig(_Section):
+    score_thresh: float = Field(0.01, ge=0, le=1)
+    nms_iou: float = Field(0.65, gt=0, le=1)
+    max_det: int = Field(100, ge=1)
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    assigner: AssignerConfig = Field(default_factory=AssignerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    input_size: Union[int, tuple[int, int]] = 640
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = "runs/exp"
+
+    @field_validator("input_size")
+    @classmethod
+    def _positive_size(cls, v):
+        sizes = (v,) if isinstance(v, int) else v
+        if any(s < 32 for s in sizes):
+            raise ValueError("input_size must be at least 32")
+        return v
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """``input_size`` as ``(height, width)``."""
+        s = self.input_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    @property
+    def assigner_name(self) -> str:
+        """The assigner actually used (the model's default when ``assigner.name`` is null)."""
+        if self.assigner.name:
+            return self.assigner.name
+        from densedet.models import DEFAULT_ASSIGNER
+        return DEFAULT_ASSIGNER.get(self.model.name, "")
+
+
+# ---------------------------------------------------------------- loading
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.epochs=5"`` -> (["train", "epochs"], 5). The value is YAML."""
+    if "=" not in text:
+        raise DensedetError(f"override {text!r}: expected dotted.key=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise DensedetError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise DensedetError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    if key == "data.classes" and isinstance(value, str):
+        value = [c.strip() for c in value.split(",") if c.strip()]
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each ``dotted.key=value`` into the nested dict ``raw`` (in place; returned)."""
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise DensedetError(f"override {text!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _format_errors(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return f"{where}: invalid config: " + "; ".join(lines)
+
+
+def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, where: str = "config") -> Config:
+    """Validate a plain dict (e.g. the one stored in a checkpoint) plus overrides."""
+    raw = apply_overrides(copy.deepcopy(dict(raw or {})), overrides or [])
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise DensedetError(_format_errors(e, where)) from None
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config, apply ``dotted.key=value`` overrides and validate.
+
+    Raises:
+        DensedetError: missing/unreadable file, bad YAML, unknown key or wrong type
+            (the message names the key and the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DensedetError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DensedetError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise DensedetError(f"{path}: the config must be a mapping of keys, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides, where=str(path))
+
+
+def trailing_overrides(args) -> list[str]:
+    """``key=value`` words that argparse left after the options (``args.trailing``, set by
+    the CLI for verbs with ``TRAILING_ARGS``); anything else is an error."""
+    words = list(getattr(args, "trailing", None) or [])
+    bad = [w for w in words if w.startswith("-") or "=" not in w]
+    if bad:
+        raise DensedetError(f"unrecognized arguments: {' '.join(bad)}")
+    return words
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain dict (lists, not tuples) that round-trips through YAML and checkpoints."""
+    return cfg.model_dump(mode="json")

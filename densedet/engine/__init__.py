@@ -1,0 +1,47 @@
+"""Training engine: trainer, EMA, LR schedule, checkpoints, distributed glue.
+
+    from densedet.engine import train, evaluate_model
+    metrics = train("configs/yolox_nano.yaml", ["train.epochs=5"])
+    metrics = evaluate_model("configs/yolox_nano.yaml", "runs/exp/best.pt", "val", [], None)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from densedet.engine.trainer import NonFiniteLossError, Trainer, train
+
+
+def evaluate_model(config_path: Optional[str | Path], weights: str | Path, split: Optional[str] = None,
+                   overrides: Optional[list[str]] = None, json_out: Optional[str | Path] = None,
+                   device: str = "auto") -> dict:
+    """Evaluate trained ``weights`` on a split of the configured dataset.
+
+    Args:
+        config_path: YAML config; None uses the config stored in the checkpoint.
+        weights: a densedet checkpoint (``best.pt``/``last.pt``); its EMA weights are used.
+        split: dataset split (default ``data.val_split``).
+        overrides: ``dotted.key=value`` applied to the config (e.g. ``data.root=...``).
+        json_out: where to write the detections (COCO results format, original-image
+            pixels; ``densedet eval --save-detections``), to re-score them later with
+            ``densedet eval --ann GT --detections FILE``. None writes nothing.
+        device: ``auto``, ``cpu``, ``cuda``...
+    Returns:
+        :func:`densedet.evaluate.evaluate`'s dict.
+    """
+    from densedet.engine.build import model_from_weights, read_split, resolve_device
+    from densedet.engine.inference import evaluate_on
+
+    dev = resolve_device(device)
+    model, cfg, classes = model_from_weights(weights, config_path, overrides, device=dev)
+    index = read_split(cfg, split if split is not None else cfg.data.val_split, classes=classes)
+    metrics, results = evaluate_on(model, index, cfg, dev, batch_size=8)
+    if json_out is not None:
+        path = Path(json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results) + "\n")
+    return metrics
+
+
+__all__ = ["NonFiniteLossError", "Trainer", "evaluate_model", "train"]

@@ -1,0 +1,140 @@
+"""From a validated :class:`~densedet.config.Config` to the objects a run needs.
+
+Shared by ``train``, ``eval``, ``predict`` and ``export`` so they agree on how a config
+becomes a model, a device and a dataset, and on the error messages when it cannot.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from densedet.config import Config, config_from_dict, load_config
+from densedet.errors import DensedetError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise DensedetError(f"train.device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DensedetError(f"train.device={name!r} but CUDA is not available (use auto or cpu)")
+    return device
+
+
+def build_detector(cfg: Config, num_classes: int, with_assigner: bool = True) -> nn.Module:
+    """``build_model`` + ``build_assigner`` from the config; every refusal becomes a
+    :class:`DensedetError` naming the model and the assigner."""
+    from densedet.assign import ASSIGNERS, build_assigner
+    from densedet.models import MODELS, build_model
+
+    name = cfg.model.name
+    if name not in MODELS:
+        raise DensedetError(f"model.name: unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    assigner = None
+    aname = cfg.assigner_name
+    if with_assigner:
+        if aname not in ASSIGNERS:
+            raise DensedetError(f"assigner.name: unknown assigner {aname!r}; choose one of "
+                                f"{', '.join(ASSIGNERS)}")
+        try:
+            assigner = build_assigner(aname, num_classes=num_classes, **cfg.assigner.params)
+        except (TypeError, ValueError) as e:
+            raise DensedetError(f"assigner.params: {e}") from None
+    try:
+        return build_model(name, num_classes=num_classes, assigner=assigner, size=cfg.model.size,
+                           **cfg.model.params)
+    except (TypeError, ValueError, KeyError) as e:
+        raise DensedetError(f"model {name!r} (size {cfg.model.size!r}) with assigner {aname!r}: {e}") from None
+
+
+def read_split(cfg: Config, split: Optional[str], classes: Optional[list[str]] = None):
+    """``read_dataset`` for one split of the configured dataset."""
+    from densedet.data.readers import read_dataset
+
+    root = Path(cfg.data.root)
+    if not root.exists():
+        raise DensedetError(f"data.root: {root} does not exist (create it, e.g. `densedet synth "
+                            f"{root}`, or set data.root=PATH)")
+    return read_dataset(root, fmt=cfg.data.format, classes=classes or cfg.data.classes, split=split,
+                        skip_unknown=cfg.data.skip_unknown)
+
+
+def check_index(index, what: str, decode_images: bool = True, limit: int = 10) -> None:
+    """Run ``check_dataset`` and fail with the first problems listed (seconds, not hours
+    into a training run)."""
+    try:
+        from densedet.data.check import check_dataset
+    except ImportError:  # the checker is optional for the engine
+        return
+    problems = check_dataset(index, decode_images=decode_images)
+    if problems:
+        shown = "\n  ".join(str(p) for p in problems[:limit])
+        more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+        raise DensedetError(f"{what}: {len(problems)} problem(s) in the dataset "
+                            f"(run `densedet check`):\n  {shown}{more}")
+
+
+def model_from_weights(weights: str | Path, config_path: Optional[str | Path] = None,
+                       overrides: Optional[list[str]] = None, device: str | torch.device = "cpu",
+                       log=print):
+    """Load a trained model from a checkpoint alone (its config and class names travel with it).
+
+    Returns ``(model in eval mode, cfg, classes)``. ``config_path`` replaces the stored config
+    (overrides apply on top of whichever is used). Loads the EMA weights when present.
+    """
+    from densedet.engine.checkpoint import inference_state_dict, load_checkpoint, load_matching
+
+    ckpt = load_checkpoint(weights)
+    if config_path is not None:
+        cfg = load_config(config_path, overrides)
+    elif isinstance(ckpt.get("config"), dict):
+        cfg = config_from_dict(ckpt["config"], overrides, where=f"{weights} (stored config)")
+    else:
+        raise DensedetError(f"{weights}: the checkpoint carries no config; pass the config file")
+    classes = ckpt.get("classes") or cfg.data.classes
+    if not classes:
+        raise DensedetError(f"{weights}: no class names in the checkpoint or config (data.classes)")
+    model = build_detector(cfg, len(classes), with_assigner=False)
+    state = inference_state_dict(ckpt)
+    if ckpt.get("classes") is not None and len(ckpt["classes"]) == len(classes):
+        try:
+            model.load_state_dict(state)  # a checkpoint of this very model: all or nothing
+        except RuntimeError as e:
+            raise DensedetError(f"{weights}: the weights do not fit model {cfg.model.name!r} "
+                                f"size {cfg.model.size!r}: {str(e).splitlines()[0]}") from None
+    else:
+        load_matching(model, state, log=log)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    return model.to(device).eval(), cfg, list(classes)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_gflops(model: nn.Module, input_hw: tuple[int, int]) -> Optional[float]:
+    """Forward GFLOPs of one image at ``input_hw`` (FlopCounterMode counts a multiply-add as
+    2 FLOPs, like YOLOX's reported GFLOPs). None when counting fails.
+
+    The count runs on a copy of the model on the ``meta`` device: shapes only, no
+    arithmetic, so it costs well under a second even for ResNet-50 on a busy CPU.
+    """
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        meta = copy.deepcopy(model).to("meta").eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            meta(torch.zeros(1, 3, *input_hw, device="meta"))
+        return counter.get_total_flops() / 1e9
+    except Exception:  # counting is informative only; never fail a run for it
+        return None

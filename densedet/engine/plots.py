@@ -1,0 +1,88 @@
+"""Training curves from ``OUTPUT_DIR/log.csv`` (matplotlib, no display needed).
+
+    python -m densedet.engine.plots runs/demo/log.csv runs/demo/loss.png
+"""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+from densedet.errors import DensedetError
+
+NOT_LOSSES = {"epoch", "iter", "global_iter", "lr", "num_pos", "assign_ms", "data_ms", "step_ms"}
+
+
+def read_log(path: str | Path) -> dict[str, list[float]]:
+    """Columns of ``log.csv`` as float lists (missing cells -> nan)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DensedetError(f"{path}: no training log")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise DensedetError(f"{path}: the log has no rows yet")
+    cols: dict[str, list[float]] = {k: [] for k in rows[0]}
+    for r in rows:
+        for k in cols:
+            v = r.get(k, "")
+            cols[k].append(float(v) if v not in ("", None) else float("nan"))
+    return cols
+
+
+def plot_losses(log_csv: str | Path, out_png: str | Path, metrics_json: str | Path | None = None) -> Path:
+    """Loss terms and total against the global iteration, the learning rate on a second
+    panel, and the validation AP per epoch when ``metrics_json`` has a history."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless: the demo runs on machines without a display
+    import matplotlib.pyplot as plt
+
+    cols = read_log(log_csv)
+    x = cols["global_iter"]
+    history = []
+    if metrics_json and Path(metrics_json).is_file():
+        import json
+        history = json.loads(Path(metrics_json).read_text()).get("train", {}).get("history", [])
+    panels = 3 if history else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 3 * panels), sharex=False)
+    ax = axes[0]
+    for k, v in cols.items():
+        if k in NOT_LOSSES:
+            continue
+        ax.plot(x, v, label=k, linewidth=2.0 if k == "loss" else 1.0)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(f"training loss ({Path(log_csv).parent.name})")
+    ax.legend(fontsize=8, ncol=3)
+    ax.grid(alpha=0.3)
+    axes[1].plot(x, cols["lr"], color="tab:gray")
+    axes[1].set_xlabel("iteration")
+    axes[1].set_ylabel("learning rate")
+    axes[1].grid(alpha=0.3)
+    if history:
+        ep = [h["epoch"] for h in history]
+        for key in ("AP", "AP50"):
+            axes[2].plot(ep, [h.get(key) if h.get(key) is not None else float("nan") for h in history],
+                         marker="o", label=f"val {key}")
+        axes[2].set_xlabel("epoch")
+        axes[2].set_ylabel("AP (EMA model)")
+        axes[2].legend(fontsize=8)
+        axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if len(args) not in (2, 3):
+        print("usage: python -m densedet.engine.plots LOG_CSV OUT_PNG [METRICS_JSON]", file=sys.stderr)
+        sys.exit(2)
+    try:
+        print(f"wrote {plot_losses(*args)}")
+    except DensedetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,202 @@
+"""Training throughput per preset, and the share of a step spent in label assignment.
+
+    python benchmarks/train_speed.py [--presets yolox_nano fcos_r18 ...] [--size 320]
+        [--batch 8] [--iters 5] [--threads 2] [--data DIR] [--json OUT]
+        [--ultralytics-budget SECONDS]
+
+For each preset: real augmented batches from the synthetic set (generated into ``--data``
+when missing) are loaded first, then ``--iters`` timed training steps (forward, assignment,
+loss, backward, optimizer step; after ``--warmup`` untimed ones) give
+
+* ``images_per_s``: batch / median step time (the model's side; data loading excluded),
+* ``data_ms``: median time to produce one augmented batch in this process,
+* ``assign_share``: summed ``LossOutput.assign_seconds`` / summed step time.
+
+``--ultralytics-budget S`` (only when ``ultralytics`` is installed) also trains YOLOv8n from
+scratch (``YOLO("yolov8n.yaml")``) on the same images exported with
+:func:`densedet.data.yolo.write_yolo`, at the same image size and thread count, for ``S``
+seconds of wall clock, and densedet's YOLOX-Nano for the same budget; both are scored on
+the val split with :func:`densedet.evaluate.evaluate`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from densedet.errors import DensedetError
+
+REPO = Path(__file__).resolve().parents[2]
+PRESETS = ["yolox_nano", "yolox_tiny", "yolox_s", "nanodet_plus_m", "fcos_r18", "lla_r18", "dw_r18"]
+
+
+def ensure_synth(root: Path, images: int, size: int) -> Path:
+    if not (root / "Annotations").is_dir():
+        from densedet.data.synth import make_synth
+        make_synth(root, images=images, size=size, seed=0)
+    return root
+
+
+def measure_preset(preset: str, data: Path, size: int = 320, batch: int = 8, iters: int = 5,
+                   warmup: int = 2, device: str = "cpu") -> dict:
+    """Time ``iters`` training steps of ``configs/<preset>.yaml`` (see the module doc)."""
+    from densedet.config import load_config
+    from densedet.data.dataset import DetectionDataset
+    from densedet.data.loader import collate
+    from densedet.data.transforms import AugmentConfig
+    from densedet.engine.build import build_detector, count_params, read_split
+    from densedet.engine.trainer import build_optimizer
+
+    cfg = load_config(REPO / "configs" / f"{preset}.yaml",
+                      [f"data.root={data}", f"input_size={size}", f"train.batch_size={batch}"])
+    dev = torch.device(device)
+    index = read_split(cfg, cfg.data.train_split)
+    model = build_detector(cfg, len(index.classes)).to(dev).train()
+    optimizer = build_optimizer(model, cfg, lr=1e-4)  # small lr: timing only, keep it finite
+    dataset = DetectionDataset(index.samples, cfg.input_hw, augment=AugmentConfig(**cfg.augment.model_dump()))
+    n = warmup + iters
+    batches, data_s = [], []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        idx = torch.randint(len(dataset), (batch,), generator=g).tolist()
+        batches.append(collate([dataset[(i, s)] for s, i in enumerate(idx)]))
+        data_s.append(time.perf_counter() - t0)
+    step_s, assign_s = [], []
+    for k, (images, targets, _) in enumerate(batches):
+        images = images.to(dev)
+        targets = {key: v.to(dev) for key, v in targets.items()}
+        t0 = time.perf_counter()
+        out = model.loss(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        optimizer.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if k >= warmup:
+            step_s.append(time.perf_counter() - t0)
+            assign_s.append(out.assign_seconds)
+    med = statistics.median(step_s)
+    return {"preset": preset, "model": cfg.model.name, "size": cfg.model.size,
+            "assigner": cfg.assigner_name, "input": size, "batch": batch,
+            "params_M": round(count_params(model) / 1e6, 2),
+            "images_per_s": round(batch / med, 2), "step_ms": round(med * 1e3, 1),
+            "data_ms": round(statistics.median(data_s[warmup:] or data_s) * 1e3, 1),
+            "assign_ms": round(statistics.median(assign_s) * 1e3, 1),
+            "assign_share": round(sum(assign_s) / sum(step_s), 3)}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["preset", "assigner", "params_M", "images_per_s", "step_ms", "assign_ms", "assign_share", "data_ms"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        lines.append(" | ".join(str(r.get(h, "")) for h in head))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- Ultralytics
+def compare_ultralytics(data: Path, size: int, budget_s: float, threads: int, out: Path) -> Optional[dict]:
+    """YOLOv8n (Ultralytics, from scratch) vs densedet YOLOX-Nano, same images, image size,
+    threads and wall-clock budget, both scored by densedet's evaluator on the val split.
+    Returns None when ``ultralytics`` is not installed."""
+    try:
+        from ultralytics import YOLO
+    except ImportError:
+        return None
+    from densedet.config import load_config
+    from densedet.data.readers import read_dataset
+    from densedet.data.yolo import write_yolo
+    from densedet.engine import evaluate_model, train
+    from densedet.evaluate import evaluate, metrics_to_json
+
+    classes = (data / "classes.txt").read_text().split()
+    train_idx = read_dataset(data, "voc", classes, split="train")
+    val_idx = read_dataset(data, "voc", classes, split="val")
+    yolo_root = out / "yolo"
+    write_yolo(train_idx, yolo_root, "train")
+    yaml_path = write_yolo(val_idx, yolo_root, "val")
+
+    # Ultralytics: `time` is its wall-clock budget in hours (it overrides epochs)
+    t0 = time.perf_counter()
+    model = YOLO("yolov8n.yaml")
+    model.train(data=str(yaml_path), imgsz=size, epochs=1000, time=budget_s / 3600.0, device="cpu",
+                workers=0, pretrained=False, amp=False, project=str(out), name="yolov8n", exist_ok=True,
+                plots=False, val=False, verbose=False)
+    u_seconds = time.perf_counter() - t0
+    dets = []
+    for s in val_idx.samples:
+        r = model.predict(s.path, imgsz=size, conf=0.001, iou=0.65, max_det=100, verbose=False)[0]
+        for (x1, y1, x2, y2), sc, c in zip(r.boxes.xyxy.tolist(), r.boxes.conf.tolist(), r.boxes.cls.tolist()):
+            dets.append({"image_id": s.image_id, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1],
+                         "score": float(sc)})
+    u_metrics = metrics_to_json(evaluate(val_idx, dets))
+
+    # densedet: epochs chosen so the run fits the same budget at the measured speed
+    speed = measure_preset("yolox_nano", data, size, batch=16, iters=3, warmup=1)
+    epochs = max(1, int(budget_s * speed["images_per_s"] * 0.8 / max(1, len(train_idx.samples))))
+    run = out / "densedet_yolox_nano"
+    t0 = time.perf_counter()
+    train(load_config(REPO / "configs" / "yolox_nano.yaml", [
+        f"data.root={data}", f"input_size={size}", f"output_dir={run}", f"train.epochs={epochs}",
+        "train.batch_size=16", f"train.no_aug_epochs={max(1, epochs // 10)}", "train.warmup_epochs=1",
+        f"train.eval_interval={epochs}", "data.num_workers=0"]))
+    d_seconds = time.perf_counter() - t0
+    d_metrics = metrics_to_json(evaluate_model(None, run / "best.pt", "val", [f"data.root={data}"], None,
+                                               device="cpu"))
+    keys = ("AP", "AP50", "VOC_mAP50")
+    return {"threads": threads, "imgsz": size, "budget_s": budget_s,
+            "ultralytics_yolov8n": {"seconds": round(u_seconds, 1), **{k: u_metrics.get(k) for k in keys}},
+            "densedet_yolox_nano": {"seconds": round(d_seconds, 1), "epochs": epochs,
+                                    **{k: d_metrics.get(k) for k in keys}}}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="+", default=PRESETS, choices=PRESETS)
+    p.add_argument("--data", default="data/synth_bench", help="VOC dataset (synthetic one made when missing)")
+    p.add_argument("--images", type=int, default=64, help="images to synthesise when --data is missing")
+    p.add_argument("--size", type=int, default=320, help="input size (default 320)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iters", type=int, default=5, help="timed steps per preset")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="write the rows as JSON")
+    p.add_argument("--ultralytics-budget", type=float, default=None, metavar="SECONDS",
+                   help="also compare with Ultralytics YOLOv8n for this wall-clock budget")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    data = ensure_synth(Path(args.data), args.images, max(64, args.size))
+    rows = []
+    for preset in args.presets:
+        try:
+            row = measure_preset(preset, data, args.size, args.batch, args.iters, args.warmup, args.device)
+        except DensedetError as e:
+            row = {"preset": preset, "error": str(e)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\ntraining speed at {args.size}px, batch {args.batch}, {threads} thread(s), {args.device}:")
+    print(format_table([r for r in rows if "error" not in r]))
+    result = {"threads": threads, "device": args.device, "rows": rows}
+    if args.ultralytics_budget:
+        cmp = compare_ultralytics(data, args.size, args.ultralytics_budget, threads, Path("runs/train_speed"))
+        if cmp is None:
+            print("ultralytics not installed: YOLOv8n comparison skipped")
+        else:
+            print(json.dumps(cmp, indent=2))
+            result["ultralytics"] = cmp
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
