@@ -160,7 +160,9 @@ def draw_assignments(image: np.ndarray, gt_boxes: Tensor, gt_labels: Tensor,
             colours[:, 3] = alpha
         sizes = 9.0 * (2.2 ** levels[pos].float()).numpy()
         centres = priors[pos, :2].numpy()
-        ax.scatter(centres[:, 0], centres[:, 1], s=sizes, c=colours, edgecolors="black",
+        # DW's soft weights live in the alpha channel; an opaque edge would hide them
+        edge = "none" if a.pos_weight is not None else "black"
+        ax.scatter(centres[:, 0], centres[:, 1], s=sizes, c=colours, edgecolors=edge,
                    linewidths=0.3)
         counts = positives_per_level(a, levels, G, int(levels.max()) + 1 if len(levels) else 1)
         empty = int((counts.sum(axis=1) == 0).sum()) if G else 0
