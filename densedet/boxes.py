@@ -59,13 +59,14 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, mode: str = "iou", aligned: bool = F
     Args:
         boxes1: ``[..., N, 4]`` xyxy (``[..., 4]`` when ``aligned``).
         boxes2: ``[..., M, 4]`` xyxy (``[..., 4]`` when ``aligned``, broadcastable).
-        mode: ``"iou"`` or ``"giou"``.
+        mode: ``"iou"``, ``"giou"``, or ``"iou_giou"`` for the tuple ``(iou, giou)`` from one
+            pass (GIoU computes the IoU on the way; the values equal the two separate calls).
         aligned: compare element-wise instead of all pairs.
     Returns:
         ``[..., N, M]`` (pairwise) or ``[...]`` (aligned); IoU in [0, 1], GIoU in [-1, 1].
     """
-    if mode not in ("iou", "giou"):
-        raise ValueError(f"box_iou mode must be 'iou' or 'giou', got {mode!r}")
+    if mode not in ("iou", "giou", "iou_giou"):
+        raise ValueError(f"box_iou mode must be 'iou', 'giou' or 'iou_giou', got {mode!r}")
     if not aligned:
         return _pairwise_iou(boxes1, boxes2, mode, eps)
     area1 = box_area(boxes1)
@@ -81,7 +82,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, mode: str = "iou", aligned: bool = F
     enclose_wh = (torch.maximum(boxes1[..., 2:], boxes2[..., 2:])
                   - torch.minimum(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
     enclose = (enclose_wh[..., 0] * enclose_wh[..., 1]).clamp(min=eps)
-    return iou - (enclose - union) / enclose
+    giou = iou - (enclose - union) / enclose
+    return (iou, giou) if mode == "iou_giou" else giou
 
 
 def _pairwise_iou(boxes1: Tensor, boxes2: Tensor, mode: str, eps: float) -> Tensor:
@@ -107,7 +109,10 @@ def _pairwise_iou(boxes1: Tensor, boxes2: Tensor, mode: str, eps: float) -> Tens
     ew = torch.maximum(x12, x22).sub_(torch.minimum(x11, x21)).clamp_(min=0)
     eh = torch.maximum(y12, y22).sub_(torch.minimum(y11, y21)).clamp_(min=0)
     enclose = ew.mul_(eh).clamp_(min=eps)
-    return iou.sub_((enclose - union).div_(enclose))
+    penalty = torch.sub(enclose, union, out=union).div_(enclose)  # (enclose - union) / enclose
+    if mode == "iou_giou":
+        return iou, iou - penalty
+    return iou.sub_(penalty)
 
 
 def clip_boxes(boxes: Tensor, height: int | float, width: int | float) -> Tensor:

@@ -6,9 +6,21 @@ Shapes: B images, G (padded) objects, A priors, C classes.
 Memory: the crowd case (B=2, G=500, A=8400) makes one ``[B, G, A]`` float32 tensor 34 MB, so
 these helpers never build ``[B, G, A, 4]`` (or ``[B, G, A, C]``), work axis by axis, reuse
 buffers in place where that is safe, and chunk the pairwise IoU over objects.
+
+Speed on CPU (what the batched assigners are built around, measured with one thread):
+
+- the pair terms are computed a block of priors at a time (:func:`fill_by_prior_blocks`):
+  every pair depends on its own prior only, and ~1 MB blocks keep a method's dozens of
+  temporaries in cache instead of streaming ``[B, G, A]`` tensors through memory;
+- ``[B, G, A]`` scratch tensors that never leave an assigner live in a per-assigner
+  :class:`Workspace`, because a fresh big tensor is zero-filled by the OS on first touch;
+- masks are built as floats (gaps, 0/1 factors, ``+inf`` addends) where that is exact: a
+  comparison or ``masked_fill`` with a bool tensor is several times slower than a float add;
+- a broadcast operand must be contiguous (``contiguous_columns``), or the kernel runs scalar.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, NamedTuple
 
 import torch
@@ -23,6 +35,92 @@ INF = float("inf")
 #: elements of one ``[B, g, A]`` slice in :func:`pairwise_iou`; ``box_iou`` keeps a few
 #: ``[B, g, A]`` (older versions ``[B, g, A, 2]``) temporaries alive; this bounds them.
 IOU_CHUNK_ELEMENTS = 1 << 22
+
+
+#: elements of one ``[B, G, a]`` block of pairs in :func:`fill_by_prior_blocks` (1 MB of
+#: float32). On CPU each elementwise op is one pass over its tensors; over whole ``[B, G, A]``
+#: tensors (11 MB at B=16, G=20, A=8400) every pass streams through memory and every fresh
+#: temporary is zero-filled by the OS, which together made up most of the assigners' time.
+#: On blocks of about this size a dozen temporaries stay in the core's cache and the
+#: allocator reuses the same few blocks (2-2.5x faster for the IoU and the cost).
+BLOCK_ELEMENTS = 1 << 18
+#: never split the priors finer than this (rows shorter than this vectorise poorly).
+MIN_BLOCK_PRIORS = 64
+
+
+# ----------------------------------------------------------------------- prior blocks
+def prior_blocks(rows: int, A: int, device: torch.device) -> list[slice]:
+    """Slices of the prior axis such that ``rows`` x slice has about :data:`BLOCK_ELEMENTS`
+    elements; one slice (the whole axis) off CPU, where big kernels are what is fast.
+    The slices depend on shapes only (no host sync)."""
+    if device.type != "cpu":
+        return [slice(0, A)]
+    step = max(MIN_BLOCK_PRIORS, BLOCK_ELEMENTS // max(1, rows))
+    return [slice(s, min(s + step, A)) for s in range(0, A, step)]
+
+
+def fill_by_prior_blocks(block_fn: Callable[[slice], tuple[Tensor, ...]],
+                         outs: tuple[Tensor, ...], rows: int) -> tuple[Tensor, ...]:
+    """Fill tensors whose last axis is the priors a block of priors at a time.
+
+    ``block_fn(blk)`` computes the entries of the priors ``blk`` (``[..., a]``, one per
+    output); every entry depends on its own prior only, so the result equals the same
+    computation on whole tensors, while the temporaries stay small (see
+    :data:`BLOCK_ELEMENTS`). ``rows`` is the number of entries per prior of the biggest
+    temporaries (``B * G`` for ``[B, G, A]`` pairs).
+    """
+    A = outs[0].shape[-1]
+    for blk in prior_blocks(rows, A, outs[0].device):
+        for out, part in zip(outs, block_fn(blk)):
+            out[..., blk] = part
+    return outs
+
+
+class Workspace:
+    """Scratch tensors an assigner reuses from call to call (CPU only).
+
+    A fresh multi-MB CPU tensor is zero-filled page by page by the OS on first touch, which
+    cost as much as computing the pair costs into it; internal ``[B, G, A]`` tensors that
+    never leave the assigner (costs, masked IoUs) are therefore kept for the next call of the
+    same shape. Keyed by thread, so concurrent calls from several threads do not share a
+    buffer; off CPU (where the caching allocator already reuses memory) it hands out fresh
+    tensors. Nothing handed out by :meth:`get` may be returned to the caller.
+    """
+
+    def __init__(self):
+        self._buffers: dict[tuple, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> Tensor:
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        slot = (name, threading.get_ident())
+        key = (tuple(shape), dtype)
+        buf = self._buffers.get(slot)
+        if buf is None or (tuple(buf.shape), buf.dtype) != key:
+            self._buffers[slot] = buf = None  # drop the old size before allocating
+            self._buffers[slot] = buf = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+    def __repr__(self) -> str:
+        return "Workspace()"
+
+    def __deepcopy__(self, memo) -> "Workspace":
+        return Workspace()
+
+    def __getstate__(self) -> dict:
+        return {"_buffers": {}}
+
+
+def per_prior_class_sum(pred_scores: Tensor, background: Callable[[Tensor], Tensor]) -> Tensor:
+    """``background(pred_scores)`` (a sum over classes, ``[B, A, C]`` -> ``[B, A]``) a block
+    of priors at a time: the ``[B, A, C]`` scores are the biggest input, and a whole-tensor
+    temporary of their size (43 MB at B=16) costs more to allocate than to compute."""
+    B, A, C = pred_scores.shape
+    out = pred_scores.new_empty((B, A))
+    for blk in prior_blocks(B * C, A, pred_scores.device):
+        out[:, blk] = background(pred_scores[:, blk])
+    return out
 
 
 # --------------------------------------------------------------------------- geometry
@@ -47,11 +145,46 @@ def points_in_boxes(points: Tensor, gt_boxes: Tensor, eps: float = 0.0) -> Tenso
     Returns:
         ``[B, G, A]`` bool.
     """
-    x, y = points[:, 0], points[:, 1]  # [A]
+    return box_margin(points, gt_boxes) > eps
+
+
+def contiguous_columns(points: Tensor) -> Tensor:
+    """``[A, k]`` -> ``[k, A]`` contiguous: ``points[:, 0]`` is a strided view, and a strided
+    operand broadcast over ``[B, G, A]`` makes an elementwise kernel fall back from vector to
+    scalar code on CPU (5-8x slower); rows of the transposed copy are contiguous."""
+    return points.t().contiguous()
+
+
+def mask_padding_boxes(gt_boxes: Tensor, gt_valid: Tensor) -> Tensor:
+    """``gt_boxes`` with padding rows turned into (inf, inf, -inf, -inf): an empty box whose
+    :func:`box_margin` is ``-inf`` everywhere, so masks built from it need no ``& gt_valid``
+    pass over ``[B, G, A]``."""
+    empty = gt_boxes.new_tensor([INF, INF, -INF, -INF])
+    return torch.where(gt_valid[..., None], gt_boxes, empty)
+
+
+def row_inf(gt_valid: Tensor, value: float = 0.0) -> Tensor:
+    """``[B, G, 1]``: ``value`` on real objects, ``inf`` on padding rows; added to a cost it
+    keeps padding rows from choosing or winning anything (a float add is several times
+    faster than ``masked_fill`` on CPU)."""
+    return torch.where(gt_valid, value, INF)[..., None]
+
+
+def box_margin(points: Tensor, gt_boxes: Tensor) -> Tensor:
+    """``min(l, t, r, b)``, the distance from each point to the nearest side of each box
+    (negative outside), ``[B, G, A]`` float.
+
+    ``margin > eps`` is exactly ``l > eps and t > eps and r > eps and b > eps`` (each
+    distance is the same float either way), but costs four float passes and ONE comparison
+    instead of four comparisons and three logical ands: on CPU a comparison writing a bool
+    tensor is about four times slower than a float subtraction or minimum.
+    """
+    x, y = contiguous_columns(points)  # [A] each
     x1, y1, x2, y2 = (gt_boxes[..., i, None] for i in range(4))  # [B, G, 1] each
-    inside = _strictly_between(x, x1, x2, eps)
-    inside &= _strictly_between(y, y1, y2, eps)
-    return inside
+    margin = torch.sub(x, x1)
+    margin = torch.minimum(margin, torch.sub(x2, x), out=margin)
+    margin = torch.minimum(margin, torch.sub(y, y1), out=margin)
+    return torch.minimum(margin, torch.sub(y2, y), out=margin)
 
 
 def points_in_centre_region(points: Tensor, radii: Tensor, gt_boxes: Tensor,
@@ -71,9 +204,10 @@ def points_in_centre_region(points: Tensor, radii: Tensor, gt_boxes: Tensor,
     """
     centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, G, 2]
     inside = None
+    coords = contiguous_columns(points)
     for axis in range(2):
         c = centre[..., axis, None]  # [B, G, 1]
-        axis_in = _strictly_between(points[:, axis], c - radii, c + radii, 0.0)  # [B, G, A]
+        axis_in = _strictly_between(coords[axis], c - radii, c + radii, 0.0)  # [B, G, A]
         inside = axis_in if inside is None else inside.logical_and_(axis_in)
     if clip_to_box:
         # max(lo, x1) < x < min(hi, x2)  <=>  lo < x < hi and x1 < x < x2
@@ -96,14 +230,44 @@ def box_and_centre_masks(points: Tensor, radii: Tensor, gt_boxes: Tensor) -> tup
     centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, G, 2]
     half = (gt_boxes[..., 2:] - gt_boxes[..., :2]) / 2
     in_box = in_centre = None
+    coords = contiguous_columns(points)
     for axis in range(2):
-        d = (points[:, axis] - centre[..., axis, None]).abs_()  # [B, G, A]
+        d = (coords[axis] - centre[..., axis, None]).abs_()  # [B, G, A]
         box_axis = d < half[..., axis, None]
         centre_axis = d < radii
         del d
         in_box = box_axis if in_box is None else in_box.logical_and_(box_axis)
         in_centre = centre_axis if in_centre is None else in_centre.logical_and_(centre_axis)
     return in_box, in_centre
+
+
+def box_and_centre_gaps(points: Tensor, radii: Tensor, gt_boxes: Tensor,
+                        gt_valid: Tensor) -> tuple[Tensor, Tensor]:
+    """SimOTA's geometry as float "gaps": ``box_gap < 0`` iff the point is inside the box and
+    ``centre_gap < 0`` iff it is inside the centre square; ``+inf`` on padding rows.
+
+    The same ``|d| < half-size`` and ``|d| < radius`` tests as :func:`box_and_centre_masks`,
+    exactly: ``d - half < 0`` iff ``d < half`` in IEEE arithmetic, and a maximum (minimum) of
+    gaps is negative iff all (any) of them are. So "box OR square" is
+    ``minimum(box_gap, centre_gap) < 0`` and "box AND square" the ``maximum``: float passes
+    instead of comparisons and logical ops on bool tensors, which are several times slower
+    on CPU (see :func:`box_margin`).
+
+    Args:
+        points: ``[A, 2]``; radii: ``[A]``; gt_boxes: ``[B, G, 4]`` xyxy; gt_valid: ``[B, G]``.
+    Returns:
+        ``(box_gap, centre_gap)``, each ``[B, G, A]`` float.
+    """
+    invalid = ~gt_valid[..., None]
+    # padding rows: centre at +inf and size 0, so every gap is +inf (never NaN)
+    centre = ((gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2).masked_fill(invalid, INF)
+    half = ((gt_boxes[..., 2:] - gt_boxes[..., :2]) / 2).masked_fill(invalid, 0.0)
+    x, y = contiguous_columns(points)
+    dx = torch.sub(x, centre[..., 0, None]).abs_()  # [B, G, A]
+    dy = torch.sub(y, centre[..., 1, None]).abs_()
+    centre_gap = torch.maximum(dx, dy).sub_(radii)
+    box_gap = torch.maximum(dx.sub_(half[..., 0, None]), dy.sub_(half[..., 1, None]), out=dx)
+    return box_gap, centre_gap
 
 
 def pairwise_iou(pred_boxes: Tensor, gt_boxes: Tensor) -> Tensor:
@@ -146,14 +310,17 @@ def gather_gt_class_scores(pred_scores: Tensor, gt_labels: Tensor) -> Tensor:
         ``[B, G, A]`` (contiguous).
     """
     B, A, C = pred_scores.shape
-    idx = gt_labels.clamp(0, C - 1)[:, :, None].expand(B, gt_labels.shape[1], A)
-    return pred_scores.transpose(1, 2).gather(1, idx)
+    # along the class axis each prior's row of C scores is read once for all objects, then
+    # one transposed copy; gathering along A reads one cache line per element (2-3x slower)
+    idx = gt_labels.clamp(0, C - 1)[:, None, :].expand(B, A, gt_labels.shape[1])
+    return pred_scores.gather(2, idx).transpose(1, 2).contiguous()
 
 
 def split_class_cost(pred_scores: Tensor, gt_labels: Tensor, target: Tensor | float,
                      pair_cost: Callable[[Tensor, Tensor | float], Tensor],
                      correction: Callable[[Tensor, Tensor | float], Tensor] | None = None,
-                     background: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                     background: Callable[[Tensor], Tensor] | None = None,
+                     bg: Tensor | None = None) -> Tensor:
     """``sum_c pair_cost(p_c, y_c)`` for a target ``y`` that is ``target`` at the object's class
     and 0 elsewhere, without materialising ``[B, G, A, C]``.
 
@@ -169,21 +336,37 @@ def split_class_cost(pred_scores: Tensor, gt_labels: Tensor, target: Tensor | fl
             ``[B, G, A]``, e.g. :func:`bce_onehot_correction`).
         background: optional closed form of ``sum_c f(p_c, 0)`` -> ``[B, A]`` (e.g.
             :func:`bce_background`); it runs over ``[B, A, C]``, the biggest tensor here.
+        bg: that per-prior sum already computed, ``[B, A]`` (e.g. by
+            :func:`per_prior_class_sum` once for all blocks of priors); overrides
+            ``background``.
     Returns:
         ``[B, G, A]`` (a new tensor the caller may modify in place).
     """
-    if background is None:
+    if bg is None and background is None:
         bg = pair_cost(pred_scores, 0.0).sum(dim=-1)  # [B, A]
-    else:
+    elif bg is None:
         bg = background(pred_scores)
+    if isinstance(target, (int, float)) and pred_scores.shape[-1] < gt_labels.shape[1]:
+        # fewer classes than objects (crowds): the cost of every (prior, class) pair, then
+        # one gather, is fewer logs than the cost of every (prior, object) pair
+        table = _class_correction(pred_scores, target, pair_cost, correction)
+        table += bg[..., None]
+        return gather_gt_class_scores(table, gt_labels)
     p_gt = gather_gt_class_scores(pred_scores, gt_labels)  # [B, G, A]
-    if correction is not None:
-        cost = correction(p_gt, target)
-    else:
-        cost = pair_cost(p_gt, target)
-        cost -= pair_cost(p_gt, 0.0)  # in place: at most three [B, G, A] alive here
+    cost = _class_correction(p_gt, target, pair_cost, correction)
     del p_gt
     cost += bg[:, None, :]
+    return cost
+
+
+def _class_correction(p: Tensor, target: Tensor | float,
+                      pair_cost: Callable[[Tensor, Tensor | float], Tensor],
+                      correction: Callable[[Tensor, Tensor | float], Tensor] | None) -> Tensor:
+    """``pair_cost(p, target) - pair_cost(p, 0)`` (a new tensor)."""
+    if correction is not None:
+        return correction(p, target)
+    cost = pair_cost(p, target)
+    cost -= pair_cost(p, 0.0)  # in place: at most three [B, G, A] alive here
     return cost
 
 
@@ -250,21 +433,6 @@ class Selection(NamedTuple):
     taken: Tensor  # [B, G, n] bool, a prefix of each row
 
 
-def mask_non_candidates(cost: Tensor, ious: Tensor, candidate: Tensor, gt_valid: Tensor) -> None:
-    """In place: cost ``inf`` and IoU 0 outside the candidate priors, cost ``inf`` on padding
-    rows, so that :func:`select_dynamic_k` needs no masked copies.
-
-    Args:
-        cost, ious: ``[B, G, A]``, modified.
-        candidate: ``[B, 1, A]`` or ``[B, G, A]`` bool.
-        gt_valid: ``[B, G]`` bool.
-    """
-    outside = ~candidate
-    cost.masked_fill_(outside, INF)
-    cost.masked_fill_(~gt_valid[..., None], INF)
-    ious.masked_fill_(outside, 0.0)
-
-
 def select_cheapest(cost: Tensor, n: int, k: Tensor | None = None) -> Selection:
     """Each object's ``k`` cheapest priors (``k <= n``), never one of infinite cost.
 
@@ -318,14 +486,21 @@ def resolve_selection(sel: Selection, cost: Tensor, gt_valid: Tensor) -> Tensor:
     count.scatter_add_(1, index, taken.long())
     owner = torch.full((B, A), -1, dtype=torch.long, device=cost.device)
     owner.scatter_reduce_(1, index, torch.where(taken, gids, -1), reduce="amax")
-    if G * n <= A:
-        # the cost columns of the selected priors only: [B, G, G*n]
+    if 8 * G * n <= A:
+        # few selected priors: the cost columns of those only, [B, G, G*n] (a random gather
+        # costs several times a streamed read, hence the factor 8)
         columns = cost.gather(2, index[:, None, :].expand(B, G, G * n))
-        cheapest = columns.masked_fill_(~gt_valid[..., None], INF).argmin(dim=1)  # [B, G*n]
+        # min(dim).indices: the same first minimum as argmin, which is ~2x slower on CPU
+        # along a non-innermost axis
+        cheapest = columns.masked_fill_(~gt_valid[..., None], INF).min(dim=1).indices  # [B, G*n]
         # duplicates of a prior carry the same value, so the scatter is deterministic
         cheapest = torch.full_like(owner, -1).scatter_(1, index, cheapest)
     else:
-        cheapest = cost.masked_fill(~gt_valid[..., None], INF).argmin(dim=1)  # [B, A]
+        # every prior's cheapest valid object, a block of priors at a time (no [B, G, A] copy)
+        padding_inf = row_inf(gt_valid)  # + 0 leaves a cost unchanged
+        cheapest, = fill_by_prior_blocks(
+            lambda blk: (cost[..., blk].add(padding_inf).min(dim=1).indices,),
+            (torch.empty((B, A), dtype=torch.long, device=cost.device),), rows=B * G)
     return torch.where(count > 1, cheapest, owner)
 
 

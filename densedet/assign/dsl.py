@@ -60,9 +60,10 @@ def soft_label_correction(p: Tensor, t: Tensor) -> Tensor:
 def soft_centre_prior(priors: Tensor, gt_boxes: Tensor, radius: float) -> Tensor:
     """RTMDet's ``10 ** (distance / stride - radius)``, ``[B, G, A]``."""
     centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, G, 2]
-    dist = (priors[:, 0] - centre[..., 0, None]).square_()
-    dist += (priors[:, 1] - centre[..., 1, None]).square_()
-    exponent = dist.sqrt_().div_(priors[:, 2]).sub_(radius).clamp_(max=MAX_CENTRE_EXPONENT)
+    x, y, stride = common.contiguous_columns(priors[:, :3])  # [A] each
+    dist = (x - centre[..., 0, None]).square_()
+    dist += (y - centre[..., 1, None]).square_()
+    exponent = dist.sqrt_().div_(stride).sub_(radius).clamp_(max=MAX_CENTRE_EXPONENT)
     return torch.pow(10.0, exponent)
 
 
@@ -78,23 +79,40 @@ class DSLAssigner(Assigner):
         self.soft_center_prior = bool(soft_center_prior)
         self.soft_center_radius = float(soft_center_radius)
         self.ensure_each_gt = bool(ensure_each_gt)
+        self._workspace = common.Workspace()
 
     def assign(self, priors: Tensor, pred_scores: Tensor, pred_boxes: Tensor, gt_boxes: Tensor,
                gt_labels: Tensor, gt_valid: Tensor) -> Assignment:
         B, A, _ = pred_scores.shape
         if gt_boxes.shape[1] == 0:
             return common.empty_assignment(B, A, pred_scores.device)
-        in_box = common.points_in_boxes(priors[:, :2], gt_boxes) & gt_valid[..., None]  # [B, G, A]
-        candidate = in_box.any(dim=1, keepdim=True)  # [B, 1, A] the image's candidate priors
+        G = gt_boxes.shape[1]
+        boxes = common.mask_padding_boxes(gt_boxes, gt_valid)  # padding rows contain nothing
+        bg = common.per_prior_class_sum(pred_scores, soft_label_background)  # [B, A]
+        padding_inf = common.row_inf(gt_valid)  # [B, G, 1]: 0, inf on padding rows
 
-        ious = common.pairwise_iou(pred_boxes, gt_boxes)  # [B, G, A], also the soft target
-        cost = common.split_class_cost(pred_scores, gt_labels, ious, soft_label_cost,
-                                       soft_label_correction, soft_label_background)
-        cost.sub_(ious.add(1e-7).log_(), alpha=self.iou_weight)
-        if self.soft_center_prior:
-            cost += soft_centre_prior(priors, gt_boxes, self.soft_center_radius)
+        def pairs(blk: slice) -> tuple[Tensor, Tensor, Tensor]:
+            """Inside-box mask, cost and IoU of the priors ``blk`` with every object."""
+            margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a], > 0 inside
+            # the image's candidates (inside any box): cost inf elsewhere
+            candidate = margin.amax(dim=1) > 0  # [B, a]
+            ious = common.pairwise_iou(pred_boxes[:, blk], gt_boxes)  # also the soft target
+            bg_or_inf = bg[:, blk].masked_fill(~candidate, common.INF)
+            cost = common.split_class_cost(pred_scores[:, blk], gt_labels, ious, soft_label_cost,
+                                           soft_label_correction, bg=bg_or_inf)
+            cost.sub_(ious.add(1e-7).log_(), alpha=self.iou_weight)
+            if self.soft_center_prior:
+                cost += soft_centre_prior(priors[blk], gt_boxes, self.soft_center_radius)
+            cost += padding_inf
+            ious.mul_(candidate[:, None, :])  # only candidate IoUs count for dynamic k
+            return margin > 0, cost, ious
 
-        common.mask_non_candidates(cost, ious, candidate, gt_valid)
+        # every pair depends on its own prior only: computed a block of priors at a time
+        dev, dtype = pred_scores.device, pred_scores.dtype
+        in_box, cost, ious = common.fill_by_prior_blocks(pairs, (
+            torch.empty((B, G, A), dtype=torch.bool, device=dev),  # returned: a fresh tensor
+            self._workspace.get("cost", (B, G, A), dtype, dev),
+            self._workspace.get("ious", (B, G, A), dtype, dev)), rows=B * G)
         sel = common.select_dynamic_k(cost, ious, self.candidate_topk)
         gt_index = common.resolve_selection(sel, cost, gt_valid)
         if self.ensure_each_gt:

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from densedet.assign import common
 from densedet.assign.base import Assigner, Assignment
-from densedet.assign.fcos import apply_ensure_each_gt, object_slices
+from densedet.assign.fcos import apply_ensure_each_gt
 from densedet.assign.tal import class_scores_bag
 from densedet.boxes import box_iou
 
@@ -55,43 +55,15 @@ LOG_PRIOR_MIN = -80.0
 def centre_distance_sq(priors: Tensor, gt_boxes: Tensor) -> Tensor:
     """``[B, G, A]`` squared distance from each prior to each box centre, in strides."""
     centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, G, 2]
-    dx = (priors[:, 0] - centre[..., 0, None]).div_(priors[:, 2])
-    dy = (priors[:, 1] - centre[..., 1, None]).div_(priors[:, 3])
+    x, y, stride_w, stride_h = common.contiguous_columns(priors)  # [A] each
+    dx = (x - centre[..., 0, None]).div_(stride_w)
+    dy = (y - centre[..., 1, None]).div_(stride_h)
     return dx.mul_(dx).add_(dy.mul_(dy))
 
 
-def positive_weights(t: Tensor, dist_sq: Tensor, outside: Tensor, sigma: float) -> Tensor:
-    """``[B, G, A]`` DW positive weights; 0 outside the candidates. Consumes ``t`` and
-    ``dist_sq`` (modified in place).
-
-    ``e^{5t} * prior`` is evaluated as one ``exp(5t + log prior)`` (and likewise for the
-    ``e^{3t}`` denominator): one exponential per pair instead of two. With ``t`` zeroed
-    outside the candidates their terms are exactly 0, so no further masking is needed.
-    """
-    t.masked_fill_(outside, 0.0)
-    log_prior = dist_sq.mul_(-1.0 / (2 * sigma * sigma)).clamp_(min=LOG_PRIOR_MIN)
-    den = t.mul(3).add_(log_prior).exp_().mul_(t).sum(dim=-1, keepdim=True).clamp_(min=SUM_EPS)
-    return log_prior.add_(t.mul(5)).exp_().mul_(t).div_(den)
-
-
-def negative_probability(ious: Tensor, outside: Tensor) -> Tensor:
-    """``[B, G, A]`` P_neg of each prior for each object (1 outside its candidates).
-
-    ``f = (1 - IoU^2) / 0.75`` decreases with IoU (and rounding keeps that order), so the
-    per-object ``f_min``/``f_max`` over candidates are ``f`` of the largest/smallest candidate
-    IoU: two reductions of IoU and ``f`` on ``[B, G, 1]`` instead of two masked copies of f.
-    """
-    def f_of(x: Tensor) -> Tensor:  # (1 - x^2) / 0.75, in place on one new tensor
-        return x.square().neg_().add_(1).div_(1 - NEG_IOU ** 2)
-
-    f_min = f_of(ious.masked_fill(outside, -1.0).amax(dim=-1, keepdim=True))
-    f_max = f_of(ious.masked_fill(outside, 2.0).amin(dim=-1, keepdim=True))
-    f_hi = f_max.clamp(max=1.0)
-    span = f_hi - f_min
-    ok = span > 0
-    p = f_of(ious).sub_(f_min).div_(torch.where(ok, span, torch.ones_like(span)))
-    keep_one = (ious < NEG_IOU).logical_or_(outside).logical_or_(~ok)
-    return p.masked_fill_(keep_one, 1.0)
+def neg_iou_f(x: Tensor) -> Tensor:
+    """``f(IoU) = (1 - IoU^2) / (1 - 0.5^2)`` (1 at IoU 0.5, 0 at IoU 1), in place on ``x``."""
+    return x.square_().neg_().add_(1).div_(1 - NEG_IOU ** 2)
 
 
 class DWAssigner(Assigner):
@@ -105,56 +77,99 @@ class DWAssigner(Assigner):
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
         self.sigma = float(sigma)
         self.ensure_each_gt = bool(ensure_each_gt)
+        self._workspace = common.Workspace()
 
     def assign(self, priors: Tensor, pred_scores: Tensor, pred_boxes: Tensor, gt_boxes: Tensor,
                gt_labels: Tensor, gt_valid: Tensor) -> Assignment:
         B, A, C = pred_scores.shape
         G = gt_boxes.shape[1]
-        dev = priors.device
-        # every object slice below writes its rows, so no initialisation is needed
-        pos_weight = torch.empty((B, G, A), device=dev)
-        candidates = torch.empty((B, G, A), dtype=torch.bool, device=dev)
+        dev, dtype = pred_scores.device, pred_scores.dtype
         # neg weight starts at score**2 (P_neg = 1); an object lowers its class's entry to
         # P_neg * score**2 by an ``amin`` scatter. Since P_neg <= 1 and score**2 >= 0,
         # min(score**2, P_1 * score**2, ...) == min(1, P_1, ...) * score**2, the min-rule.
-        neg_weight = pred_scores.square()  # [B, A, C]
-        # running winner per prior over the object slices: the largest pos weight; a later
-        # slice must beat it strictly, so ties keep the lowest object index
-        best = torch.full((B, A), -1.0, device=dev)
-        gt_index = torch.full((B, A), -1, dtype=torch.long, device=dev)
-        quality = torch.zeros((B, A), device=dev)
+        neg_weight = pred_scores * pred_scores  # [B, A, C]
+        if G == 0:
+            gt_index = torch.full((B, A), -1, dtype=torch.long, device=dev)
+            return Assignment(gt_index=gt_index, labels=gt_index.clone(),
+                              quality=torch.zeros((B, A), device=dev, dtype=dtype),
+                              pos_weight=pred_scores.new_zeros((B, 0, A)), neg_weight=neg_weight,
+                              candidate_mask=torch.zeros((B, 0, A), dtype=torch.bool, device=dev))
+        boxes = common.mask_padding_boxes(gt_boxes, gt_valid)  # padding rows contain nothing
         all_scores = class_scores_bag(pred_scores, gt_labels)  # [B, A, G]
-        labels = gt_labels.clamp(0, C - 1)
-        for part in object_slices(B, G, A):
-            boxes = gt_boxes[:, part]
-            inside = common.points_in_boxes(priors[:, :2], boxes)
-            inside &= gt_valid[:, part, None]  # [B, g, A]
-            outside = ~inside
-            # one strided copy: scores are read three times below, and the transposed view
-            # reads one cache line per element
-            scores = all_scores[:, :, part].transpose(1, 2).contiguous()  # [B, g, A]
-            t = box_iou(boxes, pred_boxes, mode="giou").sub_(1).mul_(5).exp_().mul_(scores)
-            weight = positive_weights(t, centre_distance_sq(priors, boxes), outside, self.sigma)
-            del t
-            ious = box_iou(boxes, pred_boxes)
-            neg = negative_probability(ious, outside).mul_(scores).mul_(scores)  # [B, g, A]
-            index = labels[:, None, part].expand(B, A, neg.shape[1])
-            neg_weight.scatter_reduce_(2, index, neg.transpose(1, 2), reduce="amin",
-                                       include_self=True)
+        log_prior_scale = -1.0 / (2 * self.sigma * self.sigma)
+        # per-object maximum / minimum candidate IoU (for the P_neg min-max), over all blocks
+        iou_hi = pred_scores.new_full((B, G), -1.0)
+        iou_lo = pred_scores.new_full((B, G), 2.0)
 
-            part_best, part_idx = weight.masked_fill(outside, -1.0).max(dim=1)  # [B, A]
-            better = part_best > best
-            best = torch.where(better, part_best, best)
-            gt_index = torch.where(better, part_idx + part.start, gt_index)
-            quality = torch.where(better, ious.gather(1, part_idx[:, None]).squeeze(1), quality)
-            pos_weight[:, part] = weight
-            candidates[:, part] = inside
-        if self.ensure_each_gt and G:
+        def inside_and_scores(blk: slice) -> tuple[Tensor, Tensor]:
+            """Candidates as a float 0/1 mask and each object's class score, ``[B, G, a]``."""
+            inside = common.box_margin(priors[blk, :2], boxes).gt_(0.0)  # float: fast on CPU
+            return inside, all_scores[:, blk].transpose(1, 2).contiguous()
+
+        # Pass 1, by blocks of priors: everything per pair, and the per-object reductions
+        # (the e^{3t} sum, the IoU range) that pass 2 needs.
+        def pass1(blk: slice) -> tuple[Tensor, ...]:
+            inside, scores = inside_and_scores(blk)
+            ious, giou = box_iou(gt_boxes, pred_boxes[:, blk], mode="iou_giou")  # [B, G, a]
+            # t = s * exp(-5 (1 - GIoU)), zeroed outside the candidates: their terms are 0
+            t = giou.sub_(1).mul_(5).exp_().mul_(scores).mul_(inside)
+            log_prior = centre_distance_sq(priors[blk], gt_boxes).mul_(log_prior_scale)
+            log_prior.clamp_(min=LOG_PRIOR_MIN)
+            # e^{3t} * t * prior and e^{5t} * t * prior, each as one exp(kt + log prior)
+            den_terms = t.mul(3).add_(log_prior).exp_().mul_(t)
+            numerator = log_prior.add_(t.mul(5)).exp_().mul_(t)
+            # candidate IoU range: -1 / 2 outside (exact: iou * 1 + 0, 0 + (-1))
+            outside = inside.neg().add_(1.0)
+            torch.maximum(iou_hi, torch.addcmul(outside.neg(), ious, inside).amax(-1), out=iou_hi)
+            torch.minimum(iou_lo, torch.addcmul(outside.mul_(2), ious, inside).amin(-1),
+                          out=iou_lo)
+            return inside.bool(), ious, den_terms, numerator
+
+        candidates, ious, den_terms, pos_weight = common.fill_by_prior_blocks(pass1, (
+            torch.empty((B, G, A), dtype=torch.bool, device=dev),  # returned: fresh tensors
+            self._workspace.get("ious", (B, G, A), dtype, dev),
+            self._workspace.get("den_terms", (B, G, A), dtype, dev),
+            torch.empty((B, G, A), dtype=dtype, device=dev)), rows=B * G)
+        den = den_terms.sum(dim=-1, keepdim=True).clamp_(min=SUM_EPS)  # [B, G, 1]
+        # P_neg min-max: f decreases with IoU (rounding keeps the order), so f_min / f_max over
+        # the candidates are f of the largest / smallest candidate IoU
+        f_min = neg_iou_f(iou_hi[..., None])
+        f_hi = neg_iou_f(iou_lo[..., None]).clamp_(max=1.0)
+        span = f_hi - f_min
+        ok = span > 0  # else (one candidate, equal IoUs) P_neg = 1 on the whole object
+        span = torch.where(ok, span, torch.ones_like(span))
+        labels = gt_labels.clamp(0, C - 1)
+
+        # Pass 2: normalised positive weights, P_neg, and the hard assignment.
+        def pass2(blk: slice) -> tuple[Tensor, Tensor]:
+            inside, scores = inside_and_scores(blk)
+            weight = pos_weight[..., blk].div_(den)  # in place in the returned tensor
+            iou = ious[..., blk]
+            # P_neg = 1 for IoU < 0.5, outside the candidates and on objects without a span
+            # (all three as one comparison: iou * 0 < 0.5 for the last two), as a float 0/1
+            keep_one = iou.mul(inside).mul_(ok).lt_(NEG_IOU)
+            neg = neg_iou_f(iou.clone()).sub_(f_min).div_(span)
+            # neg * (1 - keep) + keep: exactly neg or 1 (faster than masked_fill on CPU)
+            neg = torch.addcmul(keep_one, neg, keep_one.neg().add_(1.0))
+            neg.mul_(scores).mul_(scores)  # [B, G, a]
+            index = labels[:, None, :].expand(B, neg.shape[-1], G)
+            neg_weight[:, blk].scatter_reduce_(2, index, neg.transpose(1, 2), reduce="amin",
+                                               include_self=True)
+            # the candidate object with the largest weight (ties: the lowest index); weights
+            # are 0 outside, so weight - outside is -1 there and >= 0 inside
+            best, idx = weight.sub(inside.neg_().add_(1.0)).max(dim=1)  # [B, a]
+            assigned = best > -1.0
+            return (torch.where(assigned, idx, -1),
+                    torch.where(assigned, iou.gather(1, idx[:, None]).squeeze(1), 0.0))
+
+        gt_index, quality = common.fill_by_prior_blocks(pass2, (
+            torch.empty((B, A), dtype=torch.long, device=dev),
+            torch.empty((B, A), dtype=dtype, device=dev)), rows=B * G)
+        if self.ensure_each_gt:
             gt_index = apply_ensure_each_gt(gt_index, candidates, -pos_weight)
             quality = self._assigned_iou(gt_index, pred_boxes, gt_boxes)
         pos = gt_index >= 0
-        labels_out = (torch.where(pos, gt_labels.gather(1, gt_index.clamp(min=0)), -1) if G
-                      else torch.full_like(gt_index, -1))
+        labels_out = torch.where(pos, gt_labels.gather(1, gt_index.clamp(min=0)), -1)
         return Assignment(gt_index=gt_index, labels=labels_out,
                           quality=torch.where(pos, quality, 0.0), pos_weight=pos_weight,
                           neg_weight=neg_weight, candidate_mask=candidates)

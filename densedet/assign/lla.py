@@ -26,6 +26,7 @@ Outputs: ``quality`` is the IoU of the assigned prior's predicted box with its o
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from densedet.assign import common
@@ -33,6 +34,11 @@ from densedet.assign.base import Assigner, Assignment
 
 IN_BOX_MARGIN = 0.01
 OUTSIDE_PENALTY = 1e3
+
+
+def focal_background(p: Tensor) -> Tensor:
+    """``sum_c focal(p_c, 0)`` over the last axis, ``[..., C]`` -> ``[...]``."""
+    return common.focal_cost(p, 0.0).sum(dim=-1)
 
 
 class LLAAssigner(Assigner):
@@ -44,22 +50,38 @@ class LLAAssigner(Assigner):
         self.topk = int(topk)
         self.reg_weight = float(reg_weight)
         self.ensure_each_gt = bool(ensure_each_gt)
+        self._workspace = common.Workspace()
 
     def assign(self, priors: Tensor, pred_scores: Tensor, pred_boxes: Tensor, gt_boxes: Tensor,
                gt_labels: Tensor, gt_valid: Tensor) -> Assignment:
         B, A, _ = pred_scores.shape
         if gt_boxes.shape[1] == 0:
             return common.empty_assignment(B, A, pred_scores.device)
-        in_box = common.points_in_boxes(priors[:, :2], gt_boxes, eps=IN_BOX_MARGIN)
-        in_box &= gt_valid[..., None]  # [B, G, A]
+        G = gt_boxes.shape[1]
+        boxes = common.mask_padding_boxes(gt_boxes, gt_valid)  # padding rows contain nothing
+        bg = common.per_prior_class_sum(pred_scores, focal_background)  # [B, A]
+        # the penalty per pair outside the box; inf on padding rows, which keeps them from
+        # choosing or winning anything
+        penalty = common.row_inf(gt_valid, OUTSIDE_PENALTY)  # [B, G, 1]
 
-        ious = common.pairwise_iou(pred_boxes, gt_boxes)  # [B, G, A]
-        cost = common.split_class_cost(pred_scores, gt_labels, 1.0, common.focal_cost)
-        cost.sub_(ious.add(1e-7).log_(), alpha=self.reg_weight)
-        cost.add_(in_box.logical_not(), alpha=OUTSIDE_PENALTY)
-        # padding rows choose nothing and never win a conflict
-        cost.masked_fill_(~gt_valid[..., None], common.INF)
+        def pairs(blk: slice) -> tuple[Tensor, Tensor, Tensor]:
+            """Penalty-free mask, cost and IoU of the priors ``blk`` with every object."""
+            margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a]
+            in_box = margin > IN_BOX_MARGIN
+            ious = common.pairwise_iou(pred_boxes[:, blk], gt_boxes)  # [B, G, a]
+            cost = common.split_class_cost(pred_scores[:, blk], gt_labels, 1.0, common.focal_cost,
+                                           bg=bg[:, blk])
+            cost.sub_(ious.add(1e-7).log_(), alpha=self.reg_weight)
+            # + penalty * [not inside by the margin], as a float 0/1 mask (fast on CPU)
+            cost.add_(margin.le_(IN_BOX_MARGIN).mul_(penalty))
+            return in_box, cost, ious
 
+        # every pair depends on its own prior only: computed a block of priors at a time
+        dev, dtype = pred_scores.device, pred_scores.dtype
+        in_box, cost, ious = common.fill_by_prior_blocks(pairs, (
+            torch.empty((B, G, A), dtype=torch.bool, device=dev),  # returned: a fresh tensor
+            self._workspace.get("cost", (B, G, A), dtype, dev),
+            self._workspace.get("ious", (B, G, A), dtype, dev)), rows=B * G)
         sel = common.select_cheapest(cost, self.topk)
         gt_index = common.resolve_selection(sel, cost, gt_valid)
         if self.ensure_each_gt:

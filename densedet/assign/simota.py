@@ -27,6 +27,7 @@ gets its cheapest one back (see ``common.rescue_lost``).
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from densedet.assign import common
@@ -44,43 +45,63 @@ class SimOTAAssigner(Assigner):
         self.iou_weight = float(iou_weight)
         self.center_only = bool(center_only)
         self.ensure_each_gt = bool(ensure_each_gt)
+        self._workspace = common.Workspace()
 
-    def geometry(self, priors: Tensor, gt_boxes: Tensor, gt_valid: Tensor) -> tuple[Tensor, Tensor]:
-        """Each object's own candidate region and the no-penalty region.
+    def geometry_gaps(self, priors: Tensor, gt_boxes: Tensor,
+                      gt_valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Each object's own candidate region and the no-penalty region, as float "gaps".
 
         Returns:
-            region ``[B, G, A]`` bool (box OR centre square; centre square when
-            ``center_only``), penalty-free ``[B, G, A]`` bool (box AND centre square; centre
-            square when ``center_only``); both False on padding rows.
+            ``(region_gap, penalty_gap)``, ``[B, G, A]`` each: the region (box OR centre
+            square; the centre square when ``center_only``) is ``region_gap < 0``, the
+            penalty-free region (box AND centre square; the centre square when
+            ``center_only``) is ``penalty_gap < 0``; both ``>= 0`` on padding rows. Floats
+            rather than masks because float passes are several times cheaper on CPU than
+            bool ones (see ``common.box_and_centre_gaps``).
         """
         radii = self.center_radius * priors[:, 2]
-        valid = gt_valid[..., None]
         if self.center_only:
-            in_centre = common.points_in_centre_region(priors[:, :2], radii, gt_boxes) & valid
-            return in_centre, in_centre.clone()
-        in_box, in_centre = common.box_and_centre_masks(priors[:, :2], radii, gt_boxes)
-        in_box &= valid
-        in_centre &= valid
-        return in_box | in_centre, in_box.logical_and_(in_centre)
+            region = common.points_in_centre_region(priors[:, :2], radii, gt_boxes)
+            region &= gt_valid[..., None]
+            gap = torch.where(region, -1.0, 1.0)
+            return gap, gap.clone()
+        box_gap, centre_gap = common.box_and_centre_gaps(priors[:, :2], radii, gt_boxes, gt_valid)
+        return torch.minimum(box_gap, centre_gap), torch.maximum(box_gap, centre_gap, out=box_gap)
 
     def assign(self, priors: Tensor, pred_scores: Tensor, pred_boxes: Tensor, gt_boxes: Tensor,
                gt_labels: Tensor, gt_valid: Tensor) -> Assignment:
         B, A, _ = pred_scores.shape
         if gt_boxes.shape[1] == 0:
             return common.empty_assignment(B, A, pred_scores.device)
-        region, no_penalty = self.geometry(priors, gt_boxes, gt_valid)
-        candidate = region.any(dim=1, keepdim=True)  # [B, 1, A] the image's candidate priors
+        G = gt_boxes.shape[1]
+        bg = common.per_prior_class_sum(pred_scores, common.bce_background)  # [B, A]
+        # the penalty per pair outside "box AND square": 1e5, or inf on padding rows, which
+        # keeps them from choosing or winning anything
+        penalty = torch.where(gt_valid, 1e6 if self.center_only else 1e5, common.INF)[..., None]
 
-        ious = common.pairwise_iou(pred_boxes, gt_boxes)  # [B, G, A]
-        cost = common.split_class_cost(pred_scores, gt_labels, 1.0, common.bce_cost,
-                                       common.bce_onehot_correction, common.bce_background)
-        cost.sub_(ious.add(1e-8).log_(), alpha=self.iou_weight)
-        cost.add_(no_penalty.logical_not_(), alpha=1e6 if self.center_only else 1e5)
-        del no_penalty
+        def pairs(blk: slice) -> tuple[Tensor, Tensor, Tensor]:
+            """Region, cost and IoU of the priors ``blk`` with every object, ``[B, G, a]``."""
+            region_gap, penalty_gap = self.geometry_gaps(priors[blk], gt_boxes, gt_valid)
+            # the image's candidates (union of the objects' regions): cost inf elsewhere
+            candidate = region_gap.amin(dim=1) < 0  # [B, a]
+            ious = common.pairwise_iou(pred_boxes[:, blk], gt_boxes)  # [B, G, a]
+            bg_or_inf = bg[:, blk].masked_fill(~candidate, common.INF)
+            cost = common.split_class_cost(pred_scores[:, blk], gt_labels, 1.0, common.bce_cost,
+                                           common.bce_onehot_correction, bg=bg_or_inf)
+            cost.sub_(ious.add(1e-8).log_(), alpha=self.iou_weight)
+            # + penalty * [not (box AND square)], as a float 0/1 mask (fast on CPU)
+            cost.add_(penalty_gap.ge_(0.0).mul_(penalty))
+            # only candidate IoUs count for dynamic k (and the quality of a positive is the IoU
+            # of a candidate pair)
+            ious.mul_(candidate[:, None, :])
+            return region_gap.lt_(0.0).bool(), cost, ious
 
-        # In place: only candidate pairs of valid objects are ever read again (the quality of
-        # a positive is the IoU of a candidate pair).
-        common.mask_non_candidates(cost, ious, candidate, gt_valid)
+        # every pair depends on its own prior only: computed a block of priors at a time
+        dev, dtype = pred_scores.device, pred_scores.dtype
+        region, cost, ious = common.fill_by_prior_blocks(pairs, (
+            torch.empty((B, G, A), dtype=torch.bool, device=dev),  # returned: a fresh tensor
+            self._workspace.get("cost", (B, G, A), dtype, dev),
+            self._workspace.get("ious", (B, G, A), dtype, dev)), rows=B * G)
         sel = common.select_dynamic_k(cost, ious, self.candidate_topk)
         gt_index = common.resolve_selection(sel, cost, gt_valid)
         if self.ensure_each_gt:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from densedet.assign import common
 from densedet.assign.base import Assigner, Assignment
-from densedet.assign.fcos import apply_ensure_each_gt, object_slices
+from densedet.assign.fcos import apply_ensure_each_gt
 from densedet.boxes import box_iou
 
 INSIDE_EPS = 1e-9
@@ -59,6 +59,19 @@ def topk_rank_mask(metric: Tensor, k: int) -> Tensor:
     return (metric >= kth) & (metric > 0)
 
 
+def topk_threshold(metric: Tensor, k: int) -> Tensor:
+    """``[B, G, 1]`` threshold ``th`` such that ``metric >= th`` is :func:`topk_rank_mask`:
+    ``max(k-th largest value, smallest positive float)``; ``metric >= th`` is then
+    ``metric >= kth and metric > 0`` (as ``metric > 0`` iff ``metric >= nextafter(0, 1)``),
+    one comparison instead of three bool passes."""
+    k = min(k, metric.shape[-1])
+    if k == 0:
+        return metric.new_full((*metric.shape[:-1], 1), common.INF)
+    kth = metric.topk(k, dim=-1).values[..., -1:]  # [B, G, 1]
+    tiny = torch.nextafter(metric.new_zeros(()), metric.new_ones(()))
+    return torch.maximum(kth, tiny)
+
+
 def class_scores_bag(pred_scores: Tensor, gt_labels: Tensor) -> Tensor:
     """Each prior's score on each object's class, ``[B, A, C]``, ``[B, G]`` -> ``[B, A, G]``.
 
@@ -85,43 +98,65 @@ class TALAssigner(Assigner):
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.ensure_each_gt = bool(ensure_each_gt)
+        self._workspace = common.Workspace()
 
     def assign(self, priors: Tensor, pred_scores: Tensor, pred_boxes: Tensor, gt_boxes: Tensor,
                gt_labels: Tensor, gt_valid: Tensor) -> Assignment:
         B, A, _ = pred_scores.shape
         G = gt_boxes.shape[1]
-        dev = priors.device
-        points = priors[:, :2]
-        # running winner per prior over the object slices: highest IoU among the objects that
-        # chose it; a later slice must beat it strictly, so ties keep the lowest object index
-        best_iou = torch.full((B, A), -1.0, device=dev)
-        gt_index = torch.full((B, A), -1, dtype=torch.long, device=dev)
-        own_metric = torch.zeros((B, A), device=dev)
-        candidates = torch.empty((B, G, A), dtype=torch.bool, device=dev)  # every slice fills it
-        chosen_all = torch.zeros((B, G, A), dtype=torch.bool, device=dev) if self.ensure_each_gt \
-            else None
-        cost_all = torch.zeros((B, G, A), device=dev) if self.ensure_each_gt else None
+        dev, dtype = pred_scores.device, pred_scores.dtype
+        if G == 0:
+            gt_index = torch.full((B, A), -1, dtype=torch.long, device=dev)
+            zeros = torch.zeros((B, A), device=dev, dtype=dtype)
+            return self._result(gt_index, gt_labels, zeros, zeros.clone(),
+                                torch.zeros((B, 0, A), dtype=torch.bool, device=dev))
+        # padding rows contain nothing, so their metric is 0 and they never choose a prior
+        boxes = common.mask_padding_boxes(gt_boxes, gt_valid)
         all_scores = class_scores_bag(pred_scores, gt_labels)  # [B, A, G], one pass over scores
-        for part in object_slices(B, G, A):
-            boxes = gt_boxes[:, part]
-            inside = common.points_in_boxes(points, boxes, eps=INSIDE_EPS)
-            inside &= gt_valid[:, part, None]  # [B, g, A]
-            ious = box_iou(boxes, pred_boxes)  # [B, g, A]
-            scores = all_scores[:, :, part].transpose(1, 2)  # [B, g, A] view
+
+        # Pass 1, by blocks of priors (see common.fill_by_prior_blocks): candidates, IoU and
+        # the alignment metric, 0 outside the candidates.
+        def pass1(blk: slice) -> tuple[Tensor, Tensor, Tensor]:
+            margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a]
+            inside = margin > INSIDE_EPS
+            ious = box_iou(gt_boxes, pred_boxes[:, blk])  # [B, G, a]
+            # one transposed copy: a strided operand makes the elementwise kernels scalar
+            scores = all_scores[:, blk].transpose(1, 2).contiguous()  # [B, G, a]
             metric = int_pow(scores, self.alpha) * int_pow(ious, self.beta)
-            metric.masked_fill_(~inside, 0.0)
-            chosen = topk_rank_mask(metric, self.topk) & inside
-            part_best, part_idx = ious.masked_fill(~chosen, -1.0).max(dim=1)  # [B, A]
-            better = part_best > best_iou
-            best_iou = torch.where(better, part_best, best_iou)
-            gt_index = torch.where(better, part_idx + part.start, gt_index)
-            own_metric = torch.where(better, metric.gather(1, part_idx[:, None]).squeeze(1),
-                                     own_metric)
-            candidates[:, part] = inside
-            if chosen_all is not None:
-                chosen_all[:, part] = chosen
-                cost_all[:, part] = -ious
+            metric.mul_(margin.gt_(INSIDE_EPS))  # * float 0/1: exact, faster than masked_fill
+            return inside, ious, metric
+
+        candidates, ious, metric = common.fill_by_prior_blocks(pass1, (
+            torch.empty((B, G, A), dtype=torch.bool, device=dev),  # returned: a fresh tensor
+            self._workspace.get("ious", (B, G, A), dtype, dev),
+            self._workspace.get("metric", (B, G, A), dtype, dev)), rows=B * G)
+        # chosen = metric >= (the object's topk-th largest) and metric > 0, i.e. one test
+        # against max(kth, the smallest positive float)
+        kth = topk_threshold(metric, self.topk)  # [B, G, 1]
+
+        # Pass 2: among the objects that chose a prior, the highest IoU wins (ties: lowest index)
+        def pass2(blk: slice) -> tuple[Tensor, ...]:
+            metric_blk, iou = metric[..., blk], ious[..., blk]
+            chosen = metric_blk.clone().ge_(kth)  # float 0/1 (a bool result is slower on CPU)
+            # IoU where chosen, -1 elsewhere (exact: iou * 1 + 0 and iou * 0 + (-1))
+            best, idx = torch.addcmul(chosen - 1, iou, chosen).max(dim=1)  # [B, a]
+            assigned = best > -1.0
+            out = (torch.where(assigned, idx, -1), torch.where(assigned, best, -1.0),
+                   torch.where(assigned, metric_blk.gather(1, idx[:, None]).squeeze(1), 0.0))
+            if self.ensure_each_gt:
+                out += (chosen.bool(), iou.neg())
+            return out
+
+        outs = [torch.empty((B, A), dtype=torch.long, device=dev),
+                torch.empty((B, A), dtype=dtype, device=dev),
+                torch.empty((B, A), dtype=dtype, device=dev)]
         if self.ensure_each_gt:
+            outs += [torch.empty((B, G, A), dtype=torch.bool, device=dev),
+                     torch.empty((B, G, A), dtype=dtype, device=dev)]
+        gt_index, best_iou, own_metric, *extra = common.fill_by_prior_blocks(pass2, tuple(outs),
+                                                                            rows=B * G)
+        if self.ensure_each_gt:
+            chosen_all, cost_all = extra
             gt_index = apply_ensure_each_gt(gt_index, chosen_all, cost_all)
             best_iou, own_metric = self._recompute_owned(gt_index, priors, pred_scores,
                                                          pred_boxes, gt_boxes, gt_labels)
