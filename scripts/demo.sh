@@ -8,11 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # ----------------------------------------------------------------------------- knobs
-IMAGES=${IMAGES:-1000}         # synthetic images (80 % train, 10 % val, 10 % test)
-IMAGE_SIZE=${IMAGE_SIZE:-160}  # side of the generated images (px)
-INPUT_SIZE=${INPUT_SIZE:-160}  # network input (multiple of 32)
-EPOCHS=${EPOCHS:-12}           # 800 train images / 16 = 50 iterations per epoch
-NO_AUG_EPOCHS=${NO_AUG_EPOCHS:-3}   # last epochs without mosaic, with YOLOX's L1 term
+IMAGES=${IMAGES:-2000}         # synthetic images (80 % train, 10 % val, 10 % test)
+IMAGE_SIZE=${IMAGE_SIZE:-320}  # side of the generated images (px)
+INPUT_SIZE=${INPUT_SIZE:-256}  # network input (multiple of 32)
+EPOCHS=${EPOCHS:-12}           # 1600 train images / 16 = 100 iterations per epoch
+NO_AUG_EPOCHS=${NO_AUG_EPOCHS:-2}   # last epochs without mosaic, with YOLOX's L1 term
 WARMUP_EPOCHS=${WARMUP_EPOCHS:-1}
 BATCH=${BATCH:-16}
 LR=${LR:-0.08}                 # per 64 images (scaled by BATCH/64); above YOLOX's 0.01: a short run
