@@ -17,7 +17,7 @@ WARMUP_EPOCHS=${WARMUP_EPOCHS:-1}
 BATCH=${BATCH:-16}
 LR=${LR:-0.08}                 # per 64 images (scaled by BATCH/64); above YOLOX's 0.01: a short run
 EVAL_INTERVAL=${EVAL_INTERVAL:-4}
-SCORE_THRESH=${SCORE_THRESH:-0.001}  # evaluation score floor (COCO practice); predict uses 0.3
+SCORE_THRESH=${SCORE_THRESH:-0.001}  # evaluation score floor (COCO practice); the pictures use 0.15
 WORKERS=${WORKERS:-1}          # data loader processes (the 2 cores also train)
 EXTRA=${EXTRA:-}               # more key=value overrides, e.g. EXTRA="augment.mosaic_prob=0.2"
 CONFIG=${CONFIG:-configs/yolox_nano.yaml}
@@ -54,7 +54,7 @@ echo "== predict on a few val images -> $OUT/predictions/"
 mapfile -t stems < <(head -n 6 "$DATA/ImageSets/Main/val.txt")
 images=()
 for s in "${stems[@]}"; do images+=("$DATA/JPEGImages/$s.jpg"); done
-densedet predict --weights "$OUT/best.pt" "${images[@]}" --out "$OUT/predictions" --score-thresh 0.3
+densedet predict --weights "$OUT/best.pt" "${images[@]}" --out "$OUT/predictions" --score-thresh 0.15
 
 echo "== loss plot -> $OUT/loss.png"
 python3 -m densedet.engine.plots "$OUT/log.csv" "$OUT/loss.png" "$OUT/metrics.json"
