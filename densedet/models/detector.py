@@ -99,9 +99,20 @@ class Detector(nn.Module):
         x = (images - self.pixel_mean) / self.pixel_std
         feats = self.neck(self.backbone(x))
         raw = self.head(feats)
-        sizes = [tuple(f.shape[-2:]) for f in feats]
-        raw["priors"] = make_priors(sizes, self.strides, self.prior_offset, device=images.device)
+        sizes = tuple(tuple(f.shape[-2:]) for f in feats)
+        raw["priors"] = self.priors_for(sizes, images.device)
         return raw
+
+    def priors_for(self, sizes: tuple[tuple[int, int], ...], device: torch.device) -> Tensor:
+        """``[A, 4]`` priors for these feature sizes, cached: the same tensor every step lets
+        assigners cache what they derive from it (ATSS's host-side level boundaries)."""
+        key = (sizes, str(device))
+        cache = self.__dict__.setdefault("_prior_cache", {})
+        if key not in cache:
+            if len(cache) > 8:  # multi-scale training cycles through a few sizes
+                cache.clear()
+            cache[key] = make_priors(sizes, self.strides, self.prior_offset, device=device)
+        return cache[key]
 
     def set_epoch(self, epoch: int, max_epochs: int) -> None:
         """Epoch hook (NanoDet-Plus stops the guidance gradient after some epochs)."""
