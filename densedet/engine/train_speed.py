@@ -160,8 +160,8 @@ def compare_ultralytics(data: Path, size: int, budget_s: float, threads: int, ou
                                     "images_per_s": round(d_ips, 2), **{k: d_metrics.get(k) for k in keys}}}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``benchmarks/train_speed.py`` and ``densedet bench train``."""
     p.add_argument("--presets", nargs="+", default=PRESETS, choices=PRESETS)
     p.add_argument("--data", default="data/synth_bench", help="VOC dataset (synthetic one made when missing)")
     p.add_argument("--images", type=int, default=64, help="images to synthesise when --data is missing")
@@ -174,7 +174,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", default=None, help="write the rows as JSON")
     p.add_argument("--ultralytics-budget", type=float, default=None, metavar="SECONDS",
                    help="also compare with Ultralytics YOLOv8n for this wall-clock budget")
-    args = p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
