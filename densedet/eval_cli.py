@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None,
                         help="files mode: ImageSets/Main list (default: all annotations); "
                              "model mode: dataset split (default: the config's val split)")
+    parser.add_argument("--pr-plot", default=None, metavar="PNG",
+                        help="also draw per-class precision-recall curves (IoU 0.5) to this PNG")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT",
                         help="also write every metric (and the per-class table) to OUT")
     _accept_late_overrides(parser)
@@ -171,6 +173,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         write_metrics_json(metrics, args.json_out)
         print(f"metrics written to {args.json_out}")
+    if args.pr_plot:
+        from densedet.engine.plots import plot_pr_curves
+        print(f"precision-recall curves written to {plot_pr_curves(metrics, args.pr_plot)}")
     if mode == "model" and args.save_detections:
         print(f"detections written to {args.save_detections}")
     return 0

@@ -48,7 +48,7 @@ densedet train "$CONFIG" \
 echo "training took $(( $(date +%s) - start )) s"
 
 echo "== evaluate $OUT/best.pt on the val split"
-densedet eval --weights "$OUT/best.pt" --split val --json "$OUT/eval_val.json" data.root="$DATA"
+densedet eval --weights "$OUT/best.pt" --split val --json "$OUT/eval_val.json" --pr-plot "$OUT/pr_curves.png" data.root="$DATA"
 
 echo "== predict on a few val images -> $OUT/predictions/"
 mapfile -t stems < <(head -n 6 "$DATA/ImageSets/Main/val.txt")

@@ -116,3 +116,26 @@ def test_shootout_end_to_end_on_a_tiny_budget(tiny_voc, tmp_path):
     assert (out / "shootout.png").stat().st_size > 2000
     md = (out / "shootout.md").read_text()
     assert "| simota |" in md and "| tal |" in md
+
+
+def test_pr_curves_plot_from_evaluation(tmp_path):
+    from types import SimpleNamespace
+
+    from densedet.data.sample import Sample
+    from densedet.engine.plots import plot_pr_curves
+    from densedet.evaluate import evaluate
+
+    samples = [Sample(image_id=f"im{i}", path="", width=100, height=100,
+                      boxes=[[10, 10, 50, 50], [60, 60, 90, 95]], labels=[0, 1], ignore=[False, False])
+               for i in range(3)]
+    gt = SimpleNamespace(samples=samples, classes=["a", "b"], category_ids=[0, 1])
+    dets = [{"image_id": f"im{i}", "category_id": 0, "bbox": [10, 10, 40, 40], "score": 0.9}
+            for i in range(2)]
+    dets.append({"image_id": "im2", "category_id": 1, "bbox": [0, 0, 20, 20], "score": 0.5})
+    metrics = evaluate(gt, dets)
+    curves = {c.name: c for c in metrics["pr_curves"]}
+    # class a: 2 of 3 objects found with no false positive; class b: one false positive
+    assert curves["a"].recall.max() == pytest.approx(2 / 3)
+    assert curves["b"].ap == 0.0
+    out = plot_pr_curves(metrics, tmp_path / "pr.png")
+    assert out.stat().st_size > 5000

@@ -34,5 +34,7 @@ class Sample:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         self.ignore = np.asarray(self.ignore, dtype=bool).reshape(-1)
+        if len(self.ignore) == 0 and len(self.boxes):
+            self.ignore = np.zeros(len(self.boxes), bool)  # not given: nothing ignored
         if not (len(self.boxes) == len(self.labels) == len(self.ignore)):
             raise ValueError(f"{self.source or self.path}: boxes/labels/ignore lengths differ")

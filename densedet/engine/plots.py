@@ -86,3 +86,34 @@ if __name__ == "__main__":
     except DensedetError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def plot_pr_curves(metrics: dict, out_png: str | Path, iou: float = 0.5) -> Path:
+    """Per-class precision-recall curves (VOC, IoU ``iou``) from :func:`densedet.evaluate.evaluate`'s
+    ``pr_curves``: one line per class, its area-AP in the legend."""
+    import math
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = metrics.get("pr_curves") or []
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    for c in curves:
+        if c.num_gt == 0 or len(c.recall) == 0:
+            continue
+        ap = "–" if math.isnan(c.ap) else f"{100 * c.ap:.1f}"
+        ax.plot(c.recall, c.precision, lw=1.3, label=f"{c.name} ({ap})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"precision-recall per class, IoU {iou:g} (VOC AP in legend)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
