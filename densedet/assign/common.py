@@ -669,3 +669,25 @@ def empty_assignment(B: int, A: int, device: torch.device, **extra) -> Assignmen
     gt_index = torch.full((B, A), -1, dtype=torch.long, device=device)
     return Assignment(gt_index=gt_index, labels=gt_index.clone(),
                       quality=torch.zeros((B, A), device=device), **extra)
+
+
+def fill_pairs(block_fn: Callable[[slice], tuple[Tensor, Tensor, Tensor]], workspace: "Workspace",
+               shape: tuple[int, int, int], dtype: torch.dtype,
+               device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The cost-based assigners' pair tensors, a block of priors at a time.
+
+    ``block_fn(blk)`` returns ``(mask, cost, ious)`` of the priors ``blk`` with every object.
+    The mask is returned to the caller (a fresh ``[B, G, A]`` bool tensor); cost and IoU live in
+    ``workspace`` buffers reused across calls.
+    """
+    B, G, A = shape
+    return fill_by_prior_blocks(block_fn, (
+        torch.empty(shape, dtype=torch.bool, device=device),
+        workspace.get("cost", shape, dtype, device),
+        workspace.get("ious", shape, dtype, device)), rows=B * G)
+
+
+def resolve(sel: "Selection", cost: Tensor, gt_valid: Tensor, ensure_each_gt: bool) -> Tensor:
+    """Conflict resolution (cheapest object wins), then the optional ``ensure_each_gt`` rescue."""
+    gt_index = resolve_selection(sel, cost, gt_valid)
+    return rescue_lost(gt_index, sel) if ensure_each_gt else gt_index

@@ -108,13 +108,8 @@ class DSLAssigner(Assigner):
             return margin > 0, cost, ious
 
         # every pair depends on its own prior only: computed a block of priors at a time
-        dev, dtype = pred_scores.device, pred_scores.dtype
-        in_box, cost, ious = common.fill_by_prior_blocks(pairs, (
-            torch.empty((B, G, A), dtype=torch.bool, device=dev),  # returned: a fresh tensor
-            self._workspace.get("cost", (B, G, A), dtype, dev),
-            self._workspace.get("ious", (B, G, A), dtype, dev)), rows=B * G)
+        in_box, cost, ious = common.fill_pairs(pairs, self._workspace, (B, G, A),
+                                             pred_scores.dtype, pred_scores.device)
         sel = common.select_dynamic_k(cost, ious, self.candidate_topk)
-        gt_index = common.resolve_selection(sel, cost, gt_valid)
-        if self.ensure_each_gt:
-            gt_index = common.rescue_lost(gt_index, sel)
+        gt_index = common.resolve(sel, cost, gt_valid, self.ensure_each_gt)
         return common.build_assignment(gt_index, gt_labels, ious, candidate_mask=in_box)
