@@ -37,9 +37,13 @@ def test_points_in_centre_region_loop():
     got = common.points_in_centre_region(points, radii, gt)
     got_clip = common.points_in_centre_region(points, radii, gt, clip_to_box=True)
     # the fused form agrees (integer corners and radii: no rounding at the borders)
-    fused_box, fused_centre = common.box_and_centre_masks(points.round(), radii.round(), gt)
-    assert torch.equal(fused_box, common.points_in_boxes(points.round(), gt))
-    assert torch.equal(fused_centre, common.points_in_centre_region(points.round(), radii.round(), gt))
+    valid = torch.ones(gt.shape[:2], dtype=torch.bool)
+    valid[0, -1] = False  # a padding row: both gaps +inf
+    box_gap, centre_gap = common.box_and_centre_gaps(points.round(), radii.round(), gt, valid)
+    assert torch.equal(box_gap < 0, common.points_in_boxes(points.round(), gt) & valid[..., None])
+    assert torch.equal(centre_gap < 0, common.points_in_centre_region(points.round(), radii.round(), gt)
+                       & valid[..., None])
+    assert (box_gap[0, -1] == float("inf")).all() and (centre_gap[0, -1] == float("inf")).all()
     B, G, _ = gt.shape
     for b in range(B):
         for g in range(G):
@@ -116,7 +120,33 @@ def loop_dynamic_k(cost, ious, cand, topk):
     return out
 
 
-def test_dynamic_k_matching_loop():
+def taken_mask(sel, A):
+    """[B, G, A] bool of a selection's taken pairs."""
+    B, G, _ = sel.index.shape
+    return torch.zeros(B, G, A, dtype=torch.bool).scatter_(-1, sel.index, sel.taken)
+
+
+def dynamic_k(cost, ious, cand, topk):
+    """select_dynamic_k on pre-masked inputs, as the assigners call it."""
+    sel = common.select_dynamic_k(cost.masked_fill(~cand, float("inf")), ious * cand, topk)
+    return taken_mask(sel, cost.shape[-1])
+
+
+def loop_resolve(matched, cost, valid):
+    """Per prior: taken once keeps its object, several times the cheapest valid object."""
+    B, G, A = matched.shape
+    out = torch.full((B, A), -1, dtype=torch.long)
+    for b in range(B):
+        for a in range(A):
+            who = torch.nonzero(matched[b, :, a]).flatten()
+            if len(who) == 1:
+                out[b, a] = who[0]
+            elif len(who) > 1:
+                out[b, a] = cost[b, :, a].masked_fill(~valid[b], float("inf")).argmin()
+    return out
+
+
+def test_dynamic_k_loop():
     gen = torch.Generator().manual_seed(3)
     B, G, A = 2, 6, 50
     cost = torch.rand(B, G, A, generator=gen) * 10
@@ -125,13 +155,10 @@ def test_dynamic_k_matching_loop():
     cand[0, 0] = False  # no candidate: takes nothing
     cand[0, 1] = False
     cand[0, 1, 7] = True  # a single candidate: k = 1
-    got = common.dynamic_k_matching(cost, ious, cand, 10)
+    got = dynamic_k(cost, ious, cand, 10)
     assert torch.equal(got, loop_dynamic_k(cost, ious, cand, 10))
     assert got[0, 0].sum() == 0 and got[0, 1].tolist() == [a == 7 for a in range(A)]
     assert (got.sum(-1)[:, 2:] > 1).any()
-    # broadcast candidates [B, 1, A]
-    got_b = common.dynamic_k_matching(cost, ious, cand[:, :1], 10)
-    assert torch.equal(got_b, loop_dynamic_k(cost, ious, cand[:, :1].expand(B, G, A), 10))
 
 
 def test_dynamic_k_hand():
@@ -139,24 +166,25 @@ def test_dynamic_k_hand():
     cost = torch.tensor([[[1.0, 5.0, 3.0, 0.5, 0.1]]])
     ious = torch.tensor([[[0.9, 0.8, 0.5, 0.0, 0.99]]])
     cand = torch.tensor([[[True, True, True, True, False]]])
-    got = common.dynamic_k_matching(cost, ious, cand, 10)
-    assert got[0, 0].tolist() == [True, False, False, True, False]
+    assert dynamic_k(cost, ious, cand, 10)[0, 0].tolist() == [True, False, False, True, False]
 
 
-def test_take_cheapest_skips_inf():
+def test_select_cheapest_skips_inf():
     cost = torch.tensor([[[3.0, 1.0, float("inf"), 2.0], [float("inf")] * 4]])
-    got = common.take_cheapest(cost, 3)
+    got = taken_mask(common.select_cheapest(cost, 3), 4)
     assert got.tolist() == [[[True, True, False, True], [False] * 4]]
 
 
-def test_resolve_to_cheapest_hand():
+def test_resolve_selection_hand():
     # prior 0: objects 0 and 1 -> cheaper over ALL valid objects is object 2 (it did not pick
     # it; the whole column counts), prior 1: only object 1, prior 2: nobody, prior 3: objects
     # 0 and 1 -> object 0; object 3 is padding and never wins despite cost 0.
     matched = torch.tensor([[[1, 0, 0, 1], [1, 1, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]]]).bool()
     cost = torch.tensor([[[5.0, 9, 9, 1], [4, 2, 9, 2], [3, 9, 9, 9], [0, 0, 0, 0]]])
     valid = torch.tensor([[True, True, True, False]])
-    assert common.resolve_to_cheapest(matched, cost, valid).tolist() == [[2, 1, -1, 0]]
+    sel = common.Selection(torch.arange(4).expand(1, 4, 4), cost, matched)
+    assert common.resolve_selection(sel, cost, valid).tolist() == [[2, 1, -1, 0]]
+    assert loop_resolve(matched, cost, valid).tolist() == [[2, 1, -1, 0]]
 
 
 def test_ensure_each_gt_hand():
@@ -182,7 +210,7 @@ def test_build_assignment_and_empty():
 
 
 @pytest.mark.parametrize("G,n", [(6, 3), (12, 8)])  # G*n <= A (gathered columns) and > A
-def test_sparse_selection_equals_dense_steps(G, n):
+def test_selection_resolution_equals_loops(G, n):
     gen = torch.Generator().manual_seed(G)
     B, A = 3, 40
     cost = torch.rand(B, G, A, generator=gen) * 10
@@ -191,13 +219,37 @@ def test_sparse_selection_equals_dense_steps(G, n):
     cost.masked_fill_(~valid[..., None], float("inf"))
     k = torch.randint(1, n + 1, (B, G), generator=gen)
     sel = common.select_cheapest(cost, n, k)
-    matched = common.selection_mask(sel, A)
-    assert torch.equal(matched, common.take_cheapest(cost, n, k))
+    matched = taken_mask(sel, A)
+    for b in range(B):  # each row takes its k cheapest finite entries
+        for g in range(G):
+            finite = torch.isfinite(cost[b, g])
+            want = cost[b, g].argsort()[:min(int(k[b, g]), int(finite.sum()))]
+            assert set(torch.nonzero(matched[b, g]).flatten().tolist()) == set(want.tolist())
     assert (matched.sum(1) > 1).any()  # conflicts exist
-    dense = common.resolve_to_cheapest(matched, cost, valid)
-    sparse = common.resolve_selection(sel, cost, valid)
-    assert torch.equal(sparse, dense)
-    assert torch.equal(common.rescue_lost(sparse, sel), common.ensure_each_gt(dense, matched, cost))
+    resolved = common.resolve_selection(sel, cost, valid)
+    assert torch.equal(resolved, loop_resolve(matched, cost, valid))
+    assert torch.equal(common.rescue_lost(resolved, sel), common.ensure_each_gt(resolved, matched, cost))
+
+
+@pytest.mark.parametrize("A", [8400, 8437, 3549])  # a multiple of the segment, and not
+@pytest.mark.parametrize("largest", [True, False])
+def test_row_topk_equals_topk(A, largest):
+    gen = torch.Generator().manual_seed(A)
+    x = torch.rand(4, 7, A, generator=gen)
+    x[0, 0] = float("inf")  # all worst / all best
+    x[0, 1] = -float("inf")
+    x[1] = x[1].mul(8).floor()  # many ties
+    x[2, :, :-3] = float("inf") if not largest else -float("inf")  # best entries at the end
+    x[3, :, 3000:] = x[3, :, 3000:] * 0.01  # best entries in a few segments
+    n = 13
+    want_v, _ = x.topk(n, dim=-1, largest=largest)
+    got_v, got_i = common.row_topk(x, n, largest)
+    assert got_i.shape == (4, 7, n) and got_i.dtype == torch.long
+    assert torch.equal(got_v, want_v)
+    assert torch.equal(x.gather(-1, got_i), got_v)  # the indices hold those values
+    finite = torch.isfinite(got_v)
+    for row_i, row_f in zip(got_i.reshape(-1, n), finite.reshape(-1, n)):
+        assert len(set(row_i[row_f].tolist())) == int(row_f.sum())  # no repeats among finite
 
 
 def test_closed_form_backgrounds():
