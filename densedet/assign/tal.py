@@ -50,24 +50,14 @@ def int_pow(x: Tensor, exponent: float) -> Tensor:
     return x.pow(exponent)
 
 
-def topk_rank_mask(metric: Tensor, k: int) -> Tensor:
-    """``[B, G, A]`` bool: ``metric >= its row's k-th largest value`` and ``metric > 0``."""
-    k = min(k, metric.shape[-1])
-    if k == 0:
-        return torch.zeros_like(metric, dtype=torch.bool)
-    kth = metric.topk(k, dim=-1).values[..., -1:]  # [B, G, 1]
-    return (metric >= kth) & (metric > 0)
-
-
 def topk_threshold(metric: Tensor, k: int) -> Tensor:
-    """``[B, G, 1]`` threshold ``th`` such that ``metric >= th`` is :func:`topk_rank_mask`:
-    ``max(k-th largest value, smallest positive float)``; ``metric >= th`` is then
-    ``metric >= kth and metric > 0`` (as ``metric > 0`` iff ``metric >= nextafter(0, 1)``),
-    one comparison instead of three bool passes."""
+    """``[B, G, 1]`` threshold ``th = max(k-th largest value of the row, smallest positive
+    float)``: ``metric >= th`` is then ``metric >= kth and metric > 0`` (as ``metric > 0`` iff
+    ``metric >= nextafter(0, 1)``), one comparison instead of three bool passes."""
     k = min(k, metric.shape[-1])
     if k == 0:
         return metric.new_full((*metric.shape[:-1], 1), common.INF)
-    kth = metric.topk(k, dim=-1).values[..., -1:]  # [B, G, 1]
+    kth = common.row_topk(metric, k)[0][..., -1:]  # [B, G, 1]
     tiny = torch.nextafter(metric.new_zeros(()), metric.new_ones(()))
     return torch.maximum(kth, tiny)
 
