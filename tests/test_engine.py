@@ -294,3 +294,13 @@ def test_multiscale_resizes_whole_batches_and_boxes():
         prev = h
         seen.add(h)
     assert seen == {64, 96, 128, 160}
+
+
+def test_budget_epochs_fit_the_wall_clock():
+    from densedet.engine.train_speed import _budget_epochs
+
+    # 17 epochs of 50 s + 3 evaluations of 10 s (the last, and 2 in the no-aug tail) = 880 s;
+    # 18 would take 940 s: 40 s over beats 20 s under, so 17
+    assert _budget_epochs(900, 50, 10) == 17
+    assert _budget_epochs(950, 50, 10) == 18  # 940 s: the nearest
+    assert _budget_epochs(100, 200, 10) == 1  # never zero

@@ -2,7 +2,8 @@
 
     python benchmarks/train_speed.py [--presets yolox_nano fcos_r18 ...] [--size 320]
         [--batch 8] [--iters 5] [--threads 2] [--data DIR] [--json OUT]
-        [--ultralytics-budget SECONDS]
+        [--ultralytics-budget SECONDS [--ultralytics-run DIR] [--compare-preset P]
+         [--compare-overrides KEY=VALUE ...]]
 
 For each preset: real augmented batches from the synthetic set (generated into ``--data``
 when missing) are loaded first, then ``--iters`` timed training steps (forward, assignment,
@@ -15,8 +16,11 @@ loss, backward, optimizer step; after ``--warmup`` untimed ones) give
 ``--ultralytics-budget S`` (only when ``ultralytics`` is installed) also trains YOLOv8n from
 scratch (``YOLO("yolov8n.yaml")``) on the same images exported with
 :func:`densedet.data.yolo.write_yolo`, at the same image size and thread count, for ``S``
-seconds of wall clock, and densedet's YOLOX-Nano for the same budget; both are scored on
-the val split with :func:`densedet.evaluate.evaluate`.
+seconds of wall clock, and densedet's ``--compare-preset`` (YOLOX-Nano) for the same budget, both
+with Ultralytics' CPU thread count (``min(8, cores - 1)``, which it sets itself; ``--threads``
+applies to the per-preset table only);
+both are scored on the val split with :func:`densedet.evaluate.evaluate`.
+``--ultralytics-run DIR`` scores a finished YOLOv8n run instead of training another one.
 """
 from __future__ import annotations
 
@@ -100,65 +104,141 @@ def format_table(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- Ultralytics
-def compare_ultralytics(data: Path, size: int, budget_s: float, threads: int, out: Path) -> Optional[dict]:
-    """YOLOv8n (Ultralytics, from scratch) vs densedet YOLOX-Nano, same images, image size,
-    threads and wall-clock budget, both scored by densedet's evaluator on the val split.
-    Returns None when ``ultralytics`` is not installed."""
-    try:
-        from ultralytics import YOLO
-    except ImportError:
-        return None
-    from densedet.config import load_config
-    from densedet.data.readers import read_dataset
-    from densedet.data.yolo import write_yolo
-    from densedet.engine import evaluate_model, train
+SCORE_KEYS = ("AP", "AP50", "VOC_mAP50")
+
+
+def train_yolov8n(yaml_path: Path, size: int, budget_s: float, out: Path) -> Path:
+    """Train Ultralytics YOLOv8n from scratch (``yolov8n.yaml``) for ``budget_s`` seconds of
+    wall clock (its ``time`` option, in hours, overrides ``epochs``). Returns the run folder."""
+    from ultralytics import YOLO
+
+    model = YOLO("yolov8n.yaml")
+    # an absolute project path: Ultralytics puts relative ones under its own runs folder
+    model.train(data=str(yaml_path), imgsz=size, epochs=1000, time=budget_s / 3600.0, device="cpu",
+                workers=1, pretrained=False, amp=False, project=str(out.resolve()), name="yolov8n",
+                exist_ok=True, plots=False, val=False, verbose=False)
+    return Path(model.trainer.save_dir)
+
+
+def score_yolov8n(run: Path, val_idx, size: int, num_train: int) -> dict:
+    """Score a finished YOLOv8n run (``run/weights/last.pt``) with densedet's evaluator on
+    ``val_idx``; epochs and seconds come from the run's ``results.csv`` (cumulative time at
+    the end of its last epoch, final validation included)."""
+    import csv
+
+    from ultralytics import YOLO
+
     from densedet.evaluate import evaluate, metrics_to_json
 
-    classes = (data / "classes.txt").read_text().split()
-    train_idx = read_dataset(data, "voc", classes, split="train")
-    val_idx = read_dataset(data, "voc", classes, split="val")
-    yolo_root = out / "yolo"
-    write_yolo(train_idx, yolo_root, "train")
-    yaml_path = write_yolo(val_idx, yolo_root, "val")
-
-    # Ultralytics: `time` is its wall-clock budget in hours (it overrides epochs)
-    t0 = time.perf_counter()
-    model = YOLO("yolov8n.yaml")
-    model.train(data=str(yaml_path), imgsz=size, epochs=1000, time=budget_s / 3600.0, device="cpu",
-                workers=1, pretrained=False, amp=False, project=str(out), name="yolov8n", exist_ok=True,
-                plots=False, val=False, verbose=False)
-    u_seconds = time.perf_counter() - t0
-    # epochs it completed within the budget -> training images per second
-    u_epochs = int(getattr(model.trainer, "epoch", 0)) + 1
-    u_ips = u_epochs * len(train_idx.samples) / max(u_seconds, 1e-9)
+    rows = list(csv.DictReader(open(run / "results.csv")))
+    if not rows:
+        raise DensedetError(f"{run / 'results.csv'}: no finished epoch")
+    epochs, seconds = int(rows[-1]["epoch"]), float(rows[-1]["time"])
+    model = YOLO(str(run / "weights" / "last.pt"))
     dets = []
     for s in val_idx.samples:
         r = model.predict(s.path, imgsz=size, conf=0.001, iou=0.65, max_det=100, verbose=False)[0]
         for (x1, y1, x2, y2), sc, c in zip(r.boxes.xyxy.tolist(), r.boxes.conf.tolist(), r.boxes.cls.tolist()):
             dets.append({"image_id": s.image_id, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1],
                          "score": float(sc)})
-    u_metrics = metrics_to_json(evaluate(val_idx, dets))
+    metrics = metrics_to_json(evaluate(val_idx, dets))
+    return {"run": str(run), "seconds": round(seconds, 1), "epochs": epochs,
+            "images_per_s": round(epochs * num_train / max(seconds, 1e-9), 2),
+            **{k: metrics.get(k) for k in SCORE_KEYS}}
 
-    # densedet: epochs chosen so the run fits the same budget at the measured speed
-    speed = measure_preset("yolox_nano", data, size, batch=16, iters=3, warmup=1)
-    # round, not floor: flooring left densedet most of a short budget unused (2 of ~3 epochs)
-    epochs = max(1, round(budget_s * speed["images_per_s"] / max(1, len(train_idx.samples))))
-    run = out / "densedet_yolox_nano"
+
+def _budget_epochs(budget_s: float, epoch_s: float, eval_s: float) -> int:
+    """Most epochs whose training plus evaluations fit ``budget_s`` (nearest; at least 1):
+    the trainer evaluates at the end and every epoch of the no-aug tail (``epochs // 6``)."""
+    def total(n: int) -> float:
+        return n * epoch_s + (1 + n // 6) * eval_s
+    n = 1
+    while total(n + 1) <= budget_s:
+        n += 1
+    # the nearest count: one more when that overshoots by less than this one undershoots
+    return n + 1 if total(n + 1) - budget_s < budget_s - total(n) else n
+
+
+def _calibrate(cfg_path: Path, overrides: list[str], out: Path) -> tuple[float, float]:
+    """Seconds per epoch of the training loop and per evaluation, from one real epoch."""
+    import csv
+
+    from densedet.config import load_config
+    from densedet.engine import train
+
     t0 = time.perf_counter()
-    train(load_config(REPO / "configs" / "yolox_nano.yaml", [
-        f"data.root={data}", f"input_size={size}", f"output_dir={run}", f"train.epochs={epochs}",
-        "train.batch_size=16", "train.lr=0.08", f"train.no_aug_epochs={max(1, epochs // 6)}",
-        "train.warmup_epochs=1", f"train.eval_interval={epochs}", "data.num_workers=1"]))
-    d_seconds = time.perf_counter() - t0
-    d_ips = epochs * len(train_idx.samples) / max(d_seconds, 1e-9)
-    d_metrics = metrics_to_json(evaluate_model(None, run / "best.pt", "val", [f"data.root={data}"], None,
-                                               device="cpu"))
-    keys = ("AP", "AP50", "VOC_mAP50")
-    return {"threads": threads, "imgsz": size, "budget_s": budget_s,
-            "ultralytics_yolov8n": {"seconds": round(u_seconds, 1), "epochs": u_epochs,
-                                    "images_per_s": round(u_ips, 2), **{k: u_metrics.get(k) for k in keys}},
-            "densedet_yolox_nano": {"seconds": round(d_seconds, 1), "epochs": epochs,
-                                    "images_per_s": round(d_ips, 2), **{k: d_metrics.get(k) for k in keys}}}
+    train(load_config(cfg_path, [*overrides, f"output_dir={out}", "train.epochs=1", "train.no_aug_epochs=0"]))
+    seconds = time.perf_counter() - t0
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    # each row averages the steps since the previous one
+    loop_s, last = 0.0, 0
+    for r in rows:
+        n = int(r["iter"]) - last
+        last = int(r["iter"])
+        loop_s += n * (float(r["step_ms"]) + float(r["data_ms"])) / 1e3
+    return loop_s, max(0.0, seconds - loop_s)
+
+
+def train_densedet_budget(data: Path, size: int, budget_s: float, out: Path, preset: str = "yolox_nano",
+                          overrides: tuple[str, ...] = ()) -> dict:
+    """densedet's ``preset`` for the epochs that fit ``budget_s`` (calibrated on one real epoch
+    of the same run, not counted), then scored on the val split; ``overrides`` go after the
+    harness's own."""
+    from densedet.config import load_config
+    from densedet.engine import evaluate_model, train
+    from densedet.engine.build import read_split
+    from densedet.evaluate import metrics_to_json
+
+    cfg_path = REPO / "configs" / f"{preset}.yaml"
+    common = [f"data.root={data}", f"input_size={size}", "train.batch_size=16", "train.lr=0.08",
+              "train.warmup_epochs=1", "data.num_workers=1"]
+    num_train = len(read_split(load_config(cfg_path, common), "train").samples)
+    epoch_s, eval_s = _calibrate(cfg_path, [*common, *overrides], out / f"calibrate_{preset}")
+    epochs = _budget_epochs(budget_s, epoch_s, eval_s)
+    run = out / f"densedet_{preset}"
+    t0 = time.perf_counter()
+    train(load_config(cfg_path, [*common, f"output_dir={run}", f"train.epochs={epochs}",
+                                 f"train.no_aug_epochs={max(1, epochs // 6)}", f"train.eval_interval={epochs}",
+                                 *overrides]))
+    seconds = time.perf_counter() - t0
+    metrics = metrics_to_json(evaluate_model(None, run / "best.pt", "val", [f"data.root={data}"], None,
+                                             device="cpu"))
+    return {"preset": preset, "overrides": list(overrides), "seconds": round(seconds, 1), "epochs": epochs,
+            "calibration": {"epoch_s": round(epoch_s, 1), "eval_s": round(eval_s, 1)},
+            "images_per_s": round(epochs * num_train / max(seconds, 1e-9), 2),
+            **{k: metrics.get(k) for k in SCORE_KEYS}}
+
+
+def compare_ultralytics(data: Path, size: int, budget_s: float, out: Path,
+                        yolov8n_run: Optional[Path] = None, preset: str = "yolox_nano",
+                        overrides: tuple[str, ...] = ()) -> Optional[dict]:
+    """YOLOv8n (Ultralytics, from scratch) vs densedet's ``preset``, same images, image size,
+    torch threads (Ultralytics' choice on CPU: ``min(8, cores - 1)``), one loader worker each
+    and the same wall-clock budget, both scored by densedet's evaluator on the val split.
+    ``yolov8n_run``: score that finished run instead of training one (same budget assumed).
+    Returns None when ``ultralytics`` is not installed."""
+    try:
+        # Ultralytics trains on CPU with torch.set_num_threads(NUM_THREADS), min(8, cores - 1),
+        # whatever the process had (and keeps it set afterwards): densedet gets the same count
+        from ultralytics.utils import NUM_THREADS
+    except ImportError:
+        return None
+    from densedet.data.readers import read_dataset
+    from densedet.data.yolo import write_yolo
+
+    classes = (data / "classes.txt").read_text().split()
+    train_idx = read_dataset(data, "voc", classes, split="train")
+    val_idx = read_dataset(data, "voc", classes, split="val")
+    if yolov8n_run is None:
+        yolo_root = out / "yolo"
+        write_yolo(train_idx, yolo_root, "train")
+        yolov8n_run = train_yolov8n(write_yolo(val_idx, yolo_root, "val"), size, budget_s, out)
+    ultra = score_yolov8n(Path(yolov8n_run), val_idx, size, len(train_idx.samples))
+    torch.set_num_threads(NUM_THREADS)
+    ours = train_densedet_budget(data, size, budget_s, out, preset, overrides)
+    return {"threads": NUM_THREADS, "loader_workers": 1, "imgsz": size, "budget_s": budget_s,
+            "ultralytics_yolov8n": ultra, f"densedet_{preset}": ours,
+            "images_per_s_ratio": round(ours["images_per_s"] / max(ultra["images_per_s"], 1e-9), 2)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -175,6 +255,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the rows as JSON")
     p.add_argument("--ultralytics-budget", type=float, default=None, metavar="SECONDS",
                    help="also compare with Ultralytics YOLOv8n for this wall-clock budget")
+    p.add_argument("--ultralytics-run", default=None, metavar="DIR",
+                   help="score this finished YOLOv8n run (trained with the same budget) instead of training one")
+    p.add_argument("--compare-preset", default="yolox_nano", choices=PRESETS,
+                   help="the densedet preset trained against YOLOv8n")
+    p.add_argument("--compare-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for that densedet run (after the harness's own)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -200,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table([r for r in rows if "error" not in r]))
     result = {"threads": threads, "device": args.device, "rows": rows}
     if args.ultralytics_budget:
-        cmp = compare_ultralytics(data, args.size, args.ultralytics_budget, threads, Path("runs/train_speed"))
+        cmp = compare_ultralytics(data, args.size, args.ultralytics_budget, Path("runs/train_speed"),
+                                  args.ultralytics_run, args.compare_preset, tuple(args.compare_overrides))
         if cmp is None:
             print("ultralytics not installed: YOLOv8n comparison skipped")
         else:
