@@ -17,8 +17,7 @@ loss, backward, optimizer step; after ``--warmup`` untimed ones) give
 scratch (``YOLO("yolov8n.yaml")``) on the same images exported with
 :func:`densedet.data.yolo.write_yolo`, at the same image size and thread count, for ``S``
 seconds of wall clock, and densedet's ``--compare-preset`` (YOLOX-Nano) for the same budget, both
-with Ultralytics' CPU thread count (``min(8, cores - 1)``, which it sets itself; ``--threads``
-applies to the per-preset table only);
+with ``--threads`` torch threads (default: Ultralytics' own CPU choice, ``min(8, cores - 1)``);
 both are scored on the val split with :func:`densedet.evaluate.evaluate`.
 ``--ultralytics-run DIR`` scores a finished YOLOv8n run instead of training another one.
 """
@@ -107,10 +106,15 @@ def format_table(rows: list[dict]) -> str:
 SCORE_KEYS = ("AP", "AP50", "VOC_mAP50")
 
 
-def train_yolov8n(yaml_path: Path, size: int, budget_s: float, out: Path) -> Path:
+def train_yolov8n(yaml_path: Path, size: int, budget_s: float, out: Path, threads: int) -> Path:
     """Train Ultralytics YOLOv8n from scratch (``yolov8n.yaml``) for ``budget_s`` seconds of
-    wall clock (its ``time`` option, in hours, overrides ``epochs``). Returns the run folder."""
+    wall clock (its ``time`` option, in hours, overrides ``epochs``) with ``threads`` torch
+    threads. Returns the run folder."""
+    import ultralytics.utils.torch_utils as ultralytics_torch_utils
     from ultralytics import YOLO
+
+    # its device selection calls torch.set_num_threads(NUM_THREADS) (min(8, cores - 1))
+    ultralytics_torch_utils.NUM_THREADS = threads
 
     model = YOLO("yolov8n.yaml")
     # an absolute project path: Ultralytics puts relative ones under its own runs folder
@@ -209,20 +213,21 @@ def train_densedet_budget(data: Path, size: int, budget_s: float, out: Path, pre
             **{k: metrics.get(k) for k in SCORE_KEYS}}
 
 
-def compare_ultralytics(data: Path, size: int, budget_s: float, out: Path,
+def compare_ultralytics(data: Path, size: int, budget_s: float, out: Path, threads: Optional[int] = None,
                         yolov8n_run: Optional[Path] = None, preset: str = "yolox_nano",
                         overrides: tuple[str, ...] = ()) -> Optional[dict]:
     """YOLOv8n (Ultralytics, from scratch) vs densedet's ``preset``, same images, image size,
-    torch threads (Ultralytics' choice on CPU: ``min(8, cores - 1)``), one loader worker each
-    and the same wall-clock budget, both scored by densedet's evaluator on the val split.
-    ``yolov8n_run``: score that finished run instead of training one (same budget assumed).
+    torch threads (``threads``, default Ultralytics' own CPU choice ``min(8, cores - 1)``), one
+    loader worker each and the same wall-clock budget, both scored by densedet's evaluator on
+    the val split. ``yolov8n_run``: score that finished run instead of training one (same
+    budget and threads assumed).
     Returns None when ``ultralytics`` is not installed."""
     try:
-        # Ultralytics trains on CPU with torch.set_num_threads(NUM_THREADS), min(8, cores - 1),
-        # whatever the process had (and keeps it set afterwards): densedet gets the same count
+        # Ultralytics' own CPU choice is min(8, cores - 1) torch threads (NUM_THREADS)
         from ultralytics.utils import NUM_THREADS
     except ImportError:
         return None
+    threads = threads or NUM_THREADS
     from densedet.data.readers import read_dataset
     from densedet.data.yolo import write_yolo
 
@@ -232,11 +237,11 @@ def compare_ultralytics(data: Path, size: int, budget_s: float, out: Path,
     if yolov8n_run is None:
         yolo_root = out / "yolo"
         write_yolo(train_idx, yolo_root, "train")
-        yolov8n_run = train_yolov8n(write_yolo(val_idx, yolo_root, "val"), size, budget_s, out)
+        yolov8n_run = train_yolov8n(write_yolo(val_idx, yolo_root, "val"), size, budget_s, out, threads)
     ultra = score_yolov8n(Path(yolov8n_run), val_idx, size, len(train_idx.samples))
-    torch.set_num_threads(NUM_THREADS)
+    torch.set_num_threads(threads)  # Ultralytics' predict resets it to NUM_THREADS
     ours = train_densedet_budget(data, size, budget_s, out, preset, overrides)
-    return {"threads": NUM_THREADS, "loader_workers": 1, "imgsz": size, "budget_s": budget_s,
+    return {"threads": threads, "loader_workers": 1, "imgsz": size, "budget_s": budget_s,
             "ultralytics_yolov8n": ultra, f"densedet_{preset}": ours,
             "images_per_s_ratio": round(ours["images_per_s"] / max(ultra["images_per_s"], 1e-9), 2)}
 
@@ -287,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"threads": threads, "device": args.device, "rows": rows}
     if args.ultralytics_budget:
         cmp = compare_ultralytics(data, args.size, args.ultralytics_budget, Path("runs/train_speed"),
-                                  args.ultralytics_run, args.compare_preset, tuple(args.compare_overrides))
+                                  args.threads, args.ultralytics_run, args.compare_preset, tuple(args.compare_overrides))
         if cmp is None:
             print("ultralytics not installed: YOLOv8n comparison skipped")
         else:
