@@ -160,9 +160,9 @@ def test_validation_fails_fast(tiny_data, tmp_path):
 
 # ----------------------------------------------------------------------------- resume
 def test_resume_after_kill_mid_epoch(tmp_path):
-    data = make_tiny_dataset(tmp_path / "data", n_train=6, n_val=1)
+    data = make_tiny_dataset(tmp_path / "data", n_train=12, n_val=1)
     out = tmp_path / "run"
-    # 3 iterations in one epoch, last.pt after every iteration
+    # 6 iterations in one epoch, last.pt after every iteration
     args = [sys.executable, "-m", "densedet", "train", str(CONFIGS / "yolox_nano.yaml"),
             *tiny_overrides(data, out, **{"train.checkpoint_interval": 1})]
     env = dict(os.environ, CI="true")
@@ -172,10 +172,14 @@ def test_resume_after_kill_mid_epoch(tmp_path):
         while time.time() < deadline and proc.poll() is None:
             if (out / "last.pt").exists():
                 ckpt = load_checkpoint(out / "last.pt")
-                if ckpt["epoch"] == 0 and 1 <= ckpt["iter"] < 3:
+                if ckpt["epoch"] == 0 and 1 <= ckpt["iter"] < 4:
                     break
-            time.sleep(0.05)
+            time.sleep(0.02)
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        # freeze first, so the checkpoint read below is the one the kill leaves (the run can
+        # take another iteration between the poll above and the signal)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.2)  # an atomic replace in flight completes
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
@@ -183,17 +187,17 @@ def test_resume_after_kill_mid_epoch(tmp_path):
             proc.kill()
     saved = load_checkpoint(out / "last.pt")
     epoch, it, gi = saved["epoch"], saved["iter"], saved["global_iter"]
-    assert epoch == 0 and 1 <= it < 3 and gi == it
+    assert epoch == 0 and 1 <= it < 6 and gi == it, (epoch, it, gi)
     assert not (out / "metrics.json").exists()
 
     res = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"resumed from {out / 'last.pt'}: epoch 1, iteration {it} (global {gi})" in res.stdout
     final = load_checkpoint(out / "last.pt")
-    assert (final["epoch"], final["iter"], final["global_iter"]) == (1, 0, 3)
+    assert (final["epoch"], final["iter"], final["global_iter"]) == (1, 0, 6)
     # every iteration logged exactly once: the resumed run continued where the kill stopped
     rows = read_csv(out / "log.csv")
-    assert [int(r["global_iter"]) for r in rows] == [1, 2, 3]
+    assert [int(r["global_iter"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert (out / "metrics.json").is_file() and (out / "best.pt").is_file()
 
 
