@@ -17,14 +17,7 @@ C = 3
 HW = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny convs on a shared CPU: a second intra-op thread mostly waits on the other
-    # processes (10x slower here), so run this module single-threaded and restore after.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class NearestPriorAssigner(Assigner):

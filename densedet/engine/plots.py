@@ -30,6 +30,18 @@ def read_log(path: str | Path) -> dict[str, list[float]]:
     return cols
 
 
+def save_figure(fig, out: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
 def plot_losses(log_csv: str | Path, out_png: str | Path, metrics_json: str | Path | None = None) -> Path:
     """Loss terms and total against the global iteration, the learning rate on a second
     panel, and the validation AP per epoch when ``metrics_json`` has a history."""
@@ -68,12 +80,7 @@ def plot_losses(log_csv: str | Path, out_png: str | Path, metrics_json: str | Pa
         axes[2].set_ylabel("AP (EMA model)")
         axes[2].legend(fontsize=8)
         axes[2].grid(alpha=0.3)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=100)
 
 
 if __name__ == "__main__":
@@ -111,9 +118,4 @@ def plot_pr_curves(metrics: dict, out_png: str | Path, iou: float = 0.5) -> Path
     ax.set_title(f"precision-recall per class, IoU {iou:g} (VOC AP in legend)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="upper right")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
