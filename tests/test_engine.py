@@ -111,6 +111,51 @@ PRESET_EXTRA = {
 }
 
 
+@pytest.mark.parametrize("preset", ["yolox_nano", "fcos_r18", "nanodet_plus_m", "dw_r18", "lla_r18"])
+def test_channels_last_changes_layout_not_results(preset, tiny_data):
+    """train.channels_last only reorders memory: raw outputs, the loss, and the gradients of
+    every parameter match the default-layout model's (a `.view` on a permuted tensor would not).
+
+    In float64: in float32 the two layouts' kernels round differently and a random-init net
+    of train-mode BatchNorms over 1x1 maps amplifies that to tens of percent on some
+    gradients, which would hide a real fault."""
+    from densedet.config import load_config
+    from densedet.data.dataset import DetectionDataset
+    from densedet.data.loader import collate
+    from densedet.engine.build import build_detector, read_split
+
+    cfg = load_config(CONFIGS / f"{preset}.yaml", [f"data.root={tiny_data}", "input_size=64"])
+    index = read_split(cfg, cfg.data.train_split)
+    ds = DetectionDataset(index.samples, cfg.input_hw)
+    images, targets, _ = collate([ds[(i, i)] for i in range(2)])
+    torch.manual_seed(0)
+    plain = build_detector(cfg, len(index.classes)).train().double()
+    nhwc = build_detector(cfg, len(index.classes)).train().double()
+    nhwc.load_state_dict(plain.state_dict())
+    nhwc.to(memory_format=torch.channels_last)
+    assert any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in nhwc.parameters())
+    results = []
+    for model in (plain, nhwc):
+        raw = model(images.double())
+        loss = model.loss(raw, targets).total.detach()
+        # gradients of a smooth function of every output: the loss is piecewise in the
+        # scores (a dynamic assigner's top-k), so its gradients could differ legitimately
+        sum(v.square().mean() for k, v in raw.items() if k != "priors").backward()
+        results.append(({k: v.detach() for k, v in raw.items()}, loss,
+                        {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (raw_a, loss_a, grads_a), (raw_b, loss_b, grads_b) = results
+    for k in raw_a:
+        torch.testing.assert_close(raw_b[k], raw_a[k], rtol=1e-9, atol=1e-9, msg=k)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)  # assignment runs in float32
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    # floor at a millionth of the largest gradient: some (a bias before BatchNorm) are ~0
+    top = max(g.abs().max().item() for g in grads_a.values())
+    for name, g in grads_a.items():
+        err = (grads_b[name] - g).abs().max().item()
+        assert err <= 1e-7 * max(g.abs().max().item(), 1e-6 * top), (name, err)
+
+
 @pytest.mark.parametrize("preset", list(PRESET_EXTRA))
 def test_two_iterations_per_preset(preset, tiny_data, tmp_path):
     from densedet.engine import train
@@ -131,6 +176,8 @@ def test_two_iterations_per_preset(preset, tiny_data, tmp_path):
     assert any(re.search(r"M params, \d+\.\d+ GFLOPs at 64x64", line) for line in lines)
     ckpt = load_checkpoint(out / "last.pt")
     assert (ckpt["epoch"], ckpt["iter"], ckpt["global_iter"]) == (1, 0, 2)
+    convs = [v for v in ckpt["model"].values() if v.dim() == 4 and v.shape[2] > 1]
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs)
     assert ckpt["classes"][0] == "circle" and ckpt["config"]["model"]["name"] in preset.replace("_plus", "")
     if preset == "yolox_tiny":
         assert "l1" in rows[0]  # the L1 term switched on in the no-aug tail

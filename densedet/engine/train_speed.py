@@ -60,6 +60,8 @@ def measure_preset(preset: str, data: Path, size: int = 320, batch: int = 8, ite
     dev = torch.device(device)
     index = read_split(cfg, cfg.data.train_split)
     model = build_detector(cfg, len(index.classes)).to(dev).train()
+    if cfg.train.channels_last:  # as the trainer does
+        model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg, lr=1e-4)  # small lr: timing only, keep it finite
     dataset = DetectionDataset(index.samples, cfg.input_hw, augment=AugmentConfig(**cfg.augment.model_dump()))
     n = warmup + iters

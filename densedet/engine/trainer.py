@@ -165,6 +165,8 @@ class Trainer:
 
         # --- model
         self.model = build_detector(cfg, len(self.classes)).to(device)
+        if t.channels_last:  # inputs need no conversion: a channels-last weight sets the layout
+            self.model.to(memory_format=torch.channels_last)
         n_params = count_params(self.model)
         self.gflops = count_gflops(self.model, cfg.input_hw)
         gf = f"{self.gflops:.2f}" if self.gflops is not None else "?"

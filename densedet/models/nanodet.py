@@ -190,7 +190,7 @@ class NanoDetPlusHead(Head):
     def distances(self, reg: Tensor) -> Tensor:
         """``[..., 4 (reg_max + 1)]`` logits -> ``[..., 4]`` expected distance in bins (float32)."""
         dist = reg.float().unflatten(-1, (4, self.reg_max + 1)).softmax(dim=-1)
-        return dist @ self.bins
+        return dist @ self.bins.to(dist.dtype)  # float32 even in a model cast to float64
 
     def decode_boxes(self, reg: Tensor, priors: Tensor) -> Tensor:
         """``[..., 4 (reg_max + 1)]`` logits and broadcastable ``[..., 4]`` priors -> xyxy boxes."""
