@@ -93,6 +93,18 @@ def test_yolox_forward_backward(size):
     assert len(dets) == 1 and dets[0].boxes.shape[1] == 4 and len(dets[0].boxes) <= 5
 
 
+@pytest.mark.parametrize("depthwise,head_depthwise", [(False, True), (True, False), (True, None)])
+def test_yolox_depthwise_per_part(depthwise, head_depthwise):
+    from densedet.models.common import DepthwiseSeparableConv
+
+    model = build_model("yolox", C, NearestPriorAssigner(C), size="nano", depthwise=depthwise,
+                        head_depthwise=head_depthwise)
+    in_head = head_depthwise if head_depthwise is not None else depthwise
+    for part, want in ((model.backbone, depthwise), (model.neck, depthwise), (model.head, in_head)):
+        assert any(isinstance(m, DepthwiseSeparableConv) for m in part.modules()) == want
+    check_step(model, num_priors([8, 16, 32]))
+
+
 def test_yolox_head_init_prior():
     model = build_model("yolox", C, size="nano").eval()
     with torch.no_grad():

@@ -164,13 +164,16 @@ class YOLOXHead(Head):
 
 def build(num_classes: int, assigner: Optional[Assigner] = None, size: str = "s",
           depth: Optional[float] = None, width: Optional[float] = None,
-          depthwise: Optional[bool] = None, act: str = "silu", **head_params) -> Detector:
+          depthwise: Optional[bool] = None, head_depthwise: Optional[bool] = None, act: str = "silu",
+          **head_params) -> Detector:
     """A YOLOX detector.
 
     Args:
         num_classes: C.
         assigner: the label assigner (SimOTA in the paper); None for inference only.
         size: one of :data:`SIZES`; ``depth`` / ``width`` / ``depthwise`` override it.
+        head_depthwise: depthwise separable convs in the head only (None: as ``depthwise``).
+            The stride-8 head convs are the largest single cost of a regular-conv Nano step.
         head_params: :class:`YOLOXHead` options (``reg_weight``, ``use_l1``, ``max_log_wh``).
     """
     if size not in SIZES:
@@ -182,7 +185,8 @@ def build(num_classes: int, assigner: Optional[Assigner] = None, size: str = "s"
 
     backbone = CSPDarknet(depth, width, depthwise, act)
     neck = PAFPN(backbone.out_channels, depth, depthwise, act)
-    head = YOLOXHead(num_classes, neck.out_channels, int(256 * width), depthwise, act, **head_params)
+    head_depthwise = depthwise if head_depthwise is None else head_depthwise
+    head = YOLOXHead(num_classes, neck.out_channels, int(256 * width), head_depthwise, act, **head_params)
     model = Detector(backbone, neck, head, assigner, STRIDES, prior_offset=0.5)
     # YOLOX's BatchNorm settings: a small eps and a slow running average (momentum 0.03).
     set_bn(model, eps=1e-3, momentum=0.03)
