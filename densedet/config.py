@@ -92,7 +92,7 @@ class TrainConfig(_Section):
     grad_clip: Optional[float] = None  # max gradient norm; null = off
     amp: bool = True  # mixed precision; only takes effect on CUDA
     # NHWC weights (activations follow): oneDNN's CPU convolutions and CUDA's tensor-core
-    # kernels are faster in that layout (1.1-1.3x per training step on CPU, docs/benchmarks.md)
+    # kernels are faster in that layout (1.03-1.56x per CPU training step, docs/benchmarks.md)
     channels_last: bool = True
     multiscale: Optional[tuple[int, int]] = None  # [min, max] input side, multiples of 32
     multiscale_interval: int = Field(10, ge=1)  # iterations between size changes

@@ -22,11 +22,11 @@ WORKERS=${WORKERS:-1}          # data loader processes (the 2 cores also train)
 # YOLOX-Nano's depth and width with regular 3x3 convs in the backbone and neck and the
 # published depthwise separable ones in the head: on a CPU a depthwise conv is memory-bound,
 # so regular convs learn far more per second, and the stride-8 head convs are the one place
-# where regular convs cost more than they bring (docs/benchmarks.md: 1.4x YOLOv8n's training
+# where regular convs cost more than they bring (docs/benchmarks.md: 1.34-1.39x YOLOv8n's training
 # speed and a higher mAP at equal wall clock). "{}" trains the published YOLOX-Nano.
 MODEL_PARAMS=${MODEL_PARAMS:-"{depthwise: false, head_depthwise: true}"}
 # TAL instead of the preset's SimOTA (YOLOX head and losses unchanged): in a 15-minute budget
-# it lifted this model from 30.6 to 37.4 % mAP50-95 (docs/benchmarks.md). ASSIGNER=simota
+# it lifted the all-regular-conv Nano from 30.6 to 37.4 % mAP50-95 (docs/benchmarks.md). ASSIGNER=simota
 # trains the preset's own.
 ASSIGNER=${ASSIGNER:-tal}
 EXTRA=${EXTRA:-}               # more key=value overrides, e.g. EXTRA="augment.mosaic_prob=0.2"
