@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from densedet.engine.train_speed import PRESETS, REPO, ensure_synth
+from densedet.engine.train_speed import PRESETS, REPO, ensure_synth, sample_batches, train_step
 
 
 def main() -> None:
@@ -30,9 +30,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from densedet.config import load_config
-    from densedet.data.dataset import DetectionDataset
-    from densedet.data.loader import collate
-    from densedet.data.transforms import AugmentConfig
     from densedet.engine.build import build_detector, read_split
     from densedet.engine.trainer import build_optimizer
 
@@ -43,11 +40,7 @@ def main() -> None:
         cfg = load_config(REPO / "configs" / f"{preset}.yaml",
                           [f"data.root={data}", f"input_size={args.size}", *args.overrides])
         index = read_split(cfg, cfg.data.train_split)
-        dataset = DetectionDataset(index.samples, cfg.input_hw, augment=AugmentConfig(**cfg.augment.model_dump()))
-        g = torch.Generator().manual_seed(0)
-        batches = [collate([dataset[(i, s)] for s, i in
-                            enumerate(torch.randint(len(dataset), (args.batch,), generator=g).tolist())])
-                   for _ in range(args.repeats + 1)]  # the first one is a warm-up
+        batches, _ = sample_batches(cfg, index, args.batch, args.repeats + 1)  # the first: warm-up
         torch.manual_seed(0)
         nchw = build_detector(cfg, len(index.classes)).train()
         nhwc = build_detector(cfg, len(index.classes)).train()
@@ -59,10 +52,7 @@ def main() -> None:
         for k, (images, targets, _) in enumerate(batches):
             for label, model, optimizer in runs:
                 t0 = time.perf_counter()
-                out = model.loss(model(images), targets)
-                optimizer.zero_grad(set_to_none=True)
-                out.total.backward()
-                optimizer.step()
+                train_step(model, optimizer, images, targets)
                 if k:
                     times[label].append(time.perf_counter() - t0)
         a, b = (statistics.median(times[k]) * 1e3 for k in ("NCHW", "NHWC"))

@@ -45,13 +45,38 @@ def ensure_synth(root: Path, images: int, size: int) -> Path:
     return root
 
 
+def sample_batches(cfg, index, batch: int, n: int, seed: int = 0) -> tuple[list, list[float]]:
+    """``n`` collated augmented batches of ``batch`` training images (drawn with ``seed``) and
+    the seconds each took to produce."""
+    from densedet.data.dataset import DetectionDataset
+    from densedet.data.loader import collate
+    from densedet.data.transforms import AugmentConfig
+
+    dataset = DetectionDataset(index.samples, cfg.input_hw, augment=AugmentConfig(**cfg.augment.model_dump()))
+    g = torch.Generator().manual_seed(seed)
+    batches, seconds = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        idx = torch.randint(len(dataset), (batch,), generator=g).tolist()
+        batches.append(collate([dataset[(i, s)] for s, i in enumerate(idx)]))
+        seconds.append(time.perf_counter() - t0)
+    return batches, seconds
+
+
+def train_step(model, optimizer, images, targets):
+    """One training step: forward, assignment and loss, backward, optimizer step. Returns the
+    model's ``LossOutput``."""
+    out = model.loss(model(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    out.total.backward()
+    optimizer.step()
+    return out
+
+
 def measure_preset(preset: str, data: Path, size: int = 320, batch: int = 8, iters: int = 5,
                    warmup: int = 2, device: str = "cpu") -> dict:
     """Time ``iters`` training steps of ``configs/<preset>.yaml`` (see the module doc)."""
     from densedet.config import load_config
-    from densedet.data.dataset import DetectionDataset
-    from densedet.data.loader import collate
-    from densedet.data.transforms import AugmentConfig
     from densedet.engine.build import build_detector, count_params, read_split
     from densedet.engine.trainer import build_optimizer
 
@@ -63,24 +88,12 @@ def measure_preset(preset: str, data: Path, size: int = 320, batch: int = 8, ite
     if cfg.train.channels_last:  # as the trainer does
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg, lr=1e-4)  # small lr: timing only, keep it finite
-    dataset = DetectionDataset(index.samples, cfg.input_hw, augment=AugmentConfig(**cfg.augment.model_dump()))
-    n = warmup + iters
-    batches, data_s = [], []
-    g = torch.Generator().manual_seed(0)
-    for _ in range(n):
-        t0 = time.perf_counter()
-        idx = torch.randint(len(dataset), (batch,), generator=g).tolist()
-        batches.append(collate([dataset[(i, s)] for s, i in enumerate(idx)]))
-        data_s.append(time.perf_counter() - t0)
+    batches, data_s = sample_batches(cfg, index, batch, warmup + iters)
     step_s, assign_s = [], []
     for k, (images, targets, _) in enumerate(batches):
-        images = images.to(dev)
-        targets = {key: v.to(dev) for key, v in targets.items()}
+        images, targets = images.to(dev), {key: v.to(dev) for key, v in targets.items()}
         t0 = time.perf_counter()
-        out = model.loss(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
-        optimizer.step()
+        out = train_step(model, optimizer, images, targets)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         if k >= warmup:
