@@ -73,7 +73,7 @@ def standin_predictions(priors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_
 def run_assigners(names: Sequence[str], num_classes: int, priors: Tensor, scores: Tensor,
                   boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
                   params: Optional[dict[str, dict]] = None) -> dict[str, Assignment]:
-    """Every named assigner on the same inputs (DESIGN.md contract)."""
+    """Every named assigner on the same inputs (docs/design.md contract)."""
     params = params or {}
     return {n: build_assigner(n, num_classes, **params.get(n, {}))(
         priors, scores, boxes, gt_boxes, gt_labels, gt_valid) for n in names}

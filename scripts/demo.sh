@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # densedet end to end on a fresh machine, CPU only (about 15 minutes on 2 cores):
-#   install -> synthetic dataset -> train YOLOX-Nano -> evaluate -> predict -> loss plot
+#   environment (.venv) -> synthetic dataset -> train YOLOX-Nano -> evaluate -> predict -> loss plot
 #   -> (when available) a picture of what each assigner decides.
 # Every knob is a variable below; override from the environment, e.g.
 #   EPOCHS=5 IMAGES=200 scripts/demo.sh
@@ -34,14 +34,13 @@ CONFIG=${CONFIG:-configs/yolox_nano.yaml}
 DATA=${DATA:-data/synth}
 OUT=${OUT:-runs/demo}
 SEED=${SEED:-0}
-PIP_INSTALL=${PIP_INSTALL:-1}  # 0 to skip `pip install -e .`
+PIP_INSTALL=${PIP_INSTALL:-1}  # 0: use the current environment as it is (no .venv, no install)
 
 export CI=${CI:-true}          # plain log lines instead of progress bars in the demo's output
 
 # ----------------------------------------------------------------------------- steps
 if [ "$PIP_INSTALL" = "1" ]; then
-  echo "== install"
-  python3 -m pip install --quiet --disable-pip-version-check -e .
+  EXTRAS= source scripts/venv.sh
 fi
 
 echo "== synthetic dataset: $IMAGES images of ${IMAGE_SIZE}px in $DATA"
@@ -67,9 +66,9 @@ for s in "${stems[@]}"; do images+=("$DATA/JPEGImages/$s.jpg"); done
 densedet predict --weights "$OUT/best.pt" "${images[@]}" --out "$OUT/predictions" --score-thresh 0.15
 
 echo "== loss plot -> $OUT/loss.png"
-python3 -m densedet.engine.plots "$OUT/log.csv" "$OUT/loss.png" "$OUT/metrics.json"
+python -m densedet.engine.plots "$OUT/log.csv" "$OUT/loss.png" "$OUT/metrics.json"
 
-if python3 -c "import densedet.viz" 2>/dev/null; then
+if python -c "import densedet.viz" 2>/dev/null; then
   echo "== assignment picture (trained model's predictions) -> $OUT/assignments.png"
   first=$(head -n 1 "$DATA/ImageSets/Main/val.txt")
   densedet assign-viz "$CONFIG" data.root="$DATA" input_size="$INPUT_SIZE" model.params="$MODEL_PARAMS" \
@@ -78,7 +77,7 @@ if python3 -c "import densedet.viz" 2>/dev/null; then
 fi
 
 echo "== done: $OUT/{best.pt,metrics.json,log.csv,loss.png,predictions/}"
-python3 - "$OUT/metrics.json" <<'EOF'
+python - "$OUT/metrics.json" <<'EOF'
 import json, sys
 m = json.load(open(sys.argv[1]))
 t = m.get("train", {})

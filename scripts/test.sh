@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# README's test command: install, then run the whole test suite.
+# README's test command: make/refresh the project's environment (.venv), then run the suite.
+# Arguments go to pytest, e.g. `bash scripts/test.sh tests/test_assign_dynamic.py -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check -e ".[dev]"
-python3 -m pytest -p no:cacheprovider "$@"
+EXTRAS=dev source scripts/venv.sh
+python -m pytest -p no:cacheprovider "$@"

@@ -1,4 +1,4 @@
-"""Label assignment: every method behind one batched contract (see shared DESIGN.md).
+"""Label assignment: every method behind one batched contract (docs/design.md).
 
     from densedet.assign import build_assigner
     assigner = build_assigner("simota", num_classes=80)
@@ -32,7 +32,7 @@ def assigner_class(name: str) -> type[Assigner]:
 
 
 def build_assigner(name: str, num_classes: int, **params) -> Assigner:
-    """Build the assigner ``name`` for ``num_classes`` classes with its DESIGN.md parameters."""
+    """Build the assigner ``name`` for ``num_classes`` classes with its parameters (docs/design.md)."""
     cls = assigner_class(name)
     try:
         return cls(num_classes=num_classes, **params)

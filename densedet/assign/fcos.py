@@ -82,7 +82,7 @@ class LevelLayout:
         self._segments: list[tuple[int, int]] = []
 
     def segments(self, priors: Tensor) -> list[tuple[int, int]]:
-        """``[(start, size), ...]`` per level; levels must be contiguous (DESIGN.md order)."""
+        """``[(start, size), ...]`` per level; levels must be contiguous (docs/design.md order)."""
         key = self._key
         if key is not None and key[0]() is priors and key[1] == priors._version \
                 and key[2] == tuple(priors.shape):
@@ -98,7 +98,7 @@ class LevelLayout:
             expected = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
             if not torch.equal(expected, levels):
                 raise ValueError("priors must be ordered by ascending stride, one contiguous "
-                                 "block per level (see DESIGN.md)")
+                                 "block per level (see docs/design.md)")
         self._segments = segments
         self._key = (weakref.ref(priors), priors._version, tuple(priors.shape))
         return segments
