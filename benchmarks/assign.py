@@ -2,11 +2,11 @@
 
     python benchmarks/assign.py [--methods fcos atss ...] [--repeats N] [--threads T]
 
-Same as ``densedet bench assign``; the logic lives in :mod:`densedet.bench`.
+Same as ``densedet bench assign``; the logic lives in :mod:`densedet.bench.assign`.
 """
 import sys
 
-from densedet.bench import main
+from densedet.bench.assign import main
 
 if __name__ == "__main__":
     sys.exit(main())

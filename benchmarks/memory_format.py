@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from densedet.engine.train_speed import PRESETS, REPO, ensure_synth, sample_batches, train_step
+from densedet.bench.train_speed import PRESETS, ensure_synth, sample_batches, train_step
+from densedet.config import preset_path
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     print(f"{args.threads} threads, {args.size} px, batch {args.batch}, overrides {args.overrides}")
     print("| preset | NCHW ms | NHWC ms | speed-up |\n|---|---|---|---|")
     for preset in args.presets:
-        cfg = load_config(REPO / "configs" / f"{preset}.yaml",
+        cfg = load_config(preset_path(preset),
                           [f"data.root={data}", f"input_size={args.size}", *args.overrides])
         index = read_split(cfg, cfg.data.train_split)
         batches, _ = sample_batches(cfg, index, args.batch, args.repeats + 1)  # the first: warm-up

@@ -13,7 +13,7 @@ import time
 import torch
 
 from densedet.assign import build_assigner, common
-from densedet.bench import standard_scenes
+from densedet.bench.assign import standard_scenes
 
 
 def plain_topk(x, n, largest=True):

@@ -3,11 +3,11 @@
     python benchmarks/train_speed.py [--presets yolox_nano fcos_r18 ...] [--size 320] [--batch 8]
         [--iters 5] [--threads 2] [--json OUT] [--ultralytics-budget SECONDS]
 
-The logic lives in :mod:`densedet.engine.train_speed` (see its docstring for what is timed).
+The logic lives in :mod:`densedet.bench.train_speed` (see its docstring for what is timed).
 """
 import sys
 
-from densedet.engine.train_speed import main
+from densedet.bench.train_speed import main
 
 if __name__ == "__main__":
     sys.exit(main())

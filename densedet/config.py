@@ -47,7 +47,7 @@ class DataConfig(_Section):
     format: Optional[Literal["voc", "coco", "yolo"]] = "voc"
     classes: Optional[list[str]] = None
     train_split: Optional[str] = "train"
-    val_split: Optional[str] = "val"
+    val_split: Optional[str] = "val"  # null / none: train without validation (an explicit choice)
     skip_unknown: bool = False
     num_workers: int = Field(2, ge=0)
 
@@ -57,6 +57,25 @@ class DataConfig(_Section):
         # "a,b,c" from the command line is a list too
         if isinstance(v, str):
             return [c.strip() for c in v.split(",") if c.strip()]
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _not_empty(cls, v):
+        # null means "the dataset's own list"; [] would mean a 0-class detector, which
+        # otherwise surfaces far away as an assigner/model num_classes error
+        if v is not None and not v:
+            raise ValueError("empty list: give at least one class name, or omit the key to take "
+                             "the classes from the dataset")
+        return v
+
+    @field_validator("val_split", mode="before")
+    @classmethod
+    def _no_split(cls, v):
+        # data.val_split=none (or null, or empty) turns validation off; YAML only reads
+        # null/~ as None, and "none" is what people type
+        if isinstance(v, str) and v.strip().lower() in ("", "none", "null", "~"):
+            return None
         return v
 
 
@@ -102,6 +121,10 @@ class TrainConfig(_Section):
     device: str = "auto"  # auto = cuda if available, else cpu
     log_interval: int = Field(10, ge=1)
     init_weights: Optional[str] = None  # start from these weights (mismatched tensors skipped)
+    # init_weights (or --weights) whose backbone/neck mostly does not fit the model (fewer than
+    # half of those tensors match by name and shape: another architecture or size) is an
+    # error; true loads whatever fits anyway
+    init_weights_partial: bool = False
 
 
 class EvalConfig(_Section):
@@ -133,14 +156,6 @@ class Config(_Section):
         """``input_size`` as ``(height, width)``."""
         s = self.input_size
         return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
-
-    @property
-    def assigner_name(self) -> str:
-        """The assigner actually used (the model's default when ``assigner.name`` is null)."""
-        if self.assigner.name:
-            return self.assigner.name
-        from densedet.models import DEFAULT_ASSIGNER
-        return DEFAULT_ASSIGNER.get(self.model.name, "")
 
 
 # ---------------------------------------------------------------- loading
@@ -184,9 +199,24 @@ def _format_errors(err: ValidationError, where: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}")
+        elif e["type"] == "value_error":  # our validators' messages, without pydantic's prefix
+            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return f"{where}: invalid config: " + "; ".join(lines)
+
+
+# The presets ship inside the package (configs/ in a checkout links here), so an installed
+# densedet finds them without a source tree.
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+PRESETS: tuple[str, ...] = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of the preset ``name`` (e.g. ``yolox_nano``)."""
+    if name not in PRESETS:
+        raise DensedetError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESET_DIR / f"{name}.yaml"
 
 
 def config_from_dict(raw: dict, overrides: Optional[list[str]] = None, where: str = "config") -> Config:
@@ -206,8 +236,10 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Conf
             (the message names the key and the file).
     """
     path = Path(path)
+    if not path.is_file() and path.name == str(path) and path.stem in PRESETS:
+        path = PRESET_DIR / f"{path.stem}.yaml"  # a preset by name: `densedet train yolox_nano`
     if not path.is_file():
-        raise DensedetError(f"{path}: config file not found")
+        raise DensedetError(f"{path}: config file not found (presets by name: {', '.join(PRESETS)})")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -215,16 +247,6 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Conf
     if not isinstance(raw, dict):
         raise DensedetError(f"{path}: the config must be a mapping of keys, got {type(raw).__name__}")
     return config_from_dict(raw, overrides, where=str(path))
-
-
-def trailing_overrides(args) -> list[str]:
-    """``key=value`` words that argparse left after the options (``args.trailing``, set by
-    the CLI for verbs with ``TRAILING_ARGS``); anything else is an error."""
-    words = list(getattr(args, "trailing", None) or [])
-    bad = [w for w in words if w.startswith("-") or "=" not in w]
-    if bad:
-        raise DensedetError(f"unrecognized arguments: {' '.join(bad)}")
-    return words
 
 
 def config_to_dict(cfg: Config) -> dict:

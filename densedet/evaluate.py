@@ -29,12 +29,29 @@ Two families of numbers come out of :func:`evaluate`:
     recall >= threshold (0 when none); ``VOC`` AP (VOC2010+): area under the precision
     envelope at every recall change (all-points interpolation).
 
-  Boxes use continuous coordinates like COCO (``width = x2 - x1``, no devkit ``+1``): our
-  boxes are float pixel edges, and it keeps both metric families on one geometry. The VOC
-  reader already turns the 1-based inclusive ``(xmin, ymin, xmax, ymax)`` into
-  ``(xmin - 1, ymin - 1, xmax, ymax)``, so ground-truth widths equal the devkit's
-  ``xmax - xmin + 1``; only detections are not shifted, which is right for a detector that
-  predicts pixel edges.
+Box frames (see also ``docs/eval.md``). Both metric families score boxes in one frame, the
+*continuous* frame of the readers: pixel ``i`` covers ``[i, i+1)``, widths are ``x2 - x1`` with
+no ``+1`` (COCO's own convention). A detection is read in one of :data:`DET_FRAMES`:
+
+* ``"continuous"`` (default): ``[x, y, w, h]`` is already in that frame. Model predictions
+  (training validation, ``densedet eval CONFIG --weights``) are, since the model learns from
+  the readers' boxes; COCO and YOLO detection files are too.
+* ``"voc"``: the frame of the VOC annotation itself, the devkit's. The corners
+  ``(x, y, x + w, y + h)`` are read as an XML ``<bndbox>``: 1-based inclusive pixel indices
+  ``(xmin, ymin, xmax, ymax)``. They are moved into the continuous frame exactly as the VOC
+  reader moves ground truth, ``(xmin - 1, ymin - 1, xmax, ymax)``, so the plain IoU computed
+  afterwards is (up to float rounding) the devkit's inclusive-pixel IoU on the unshifted boxes
+  (widths ``xmax - xmin + 1`` for detections *and* ground truth), and the VOC AP is
+  ``VOCevaldet``'s / py-faster-rcnn ``voc_eval``'s. ``w``/``h`` down to -1 are legal here
+  (``xmax = xmin - 1`` is a zero-width box). ``densedet eval --ann VOC --detections D.json``
+  uses this frame; ``densedet eval CONFIG --weights W --save-detections D.json`` writes VOC
+  detections in it (:func:`continuous_to_voc_results`), so that file re-scores to the same
+  numbers.
+
+Ground truth is never moved: the VOC reader keeps its continuous boxes (what training uses),
+and ``voc`` only changes how a detection file is read. One difference with the devkit remains:
+the reader clips ground truth reaching past the image by at most one pixel (``xmin = 0``,
+``xmax = width + 1``) to the image, the devkit scores such boxes as written.
 
 Undefined values are ``nan``: a class without non-ignored ground truth has no AP (COCO and
 VOC alike) and is left out of the means, as pycocotools does; ``APs`` is ``nan`` when there
@@ -53,6 +70,9 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from densedet.data.coco import read_coco_ground_truth
+from densedet.data.index import DatasetIndex
+from densedet.data.readers import detect_format, read_dataset
 from densedet.data.sample import Sample
 from densedet.errors import DensedetError
 
@@ -61,6 +81,10 @@ COCO_STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                   "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 REQUIRED_DET_KEYS = ("image_id", "category_id", "bbox", "score")
 VOC07_RECALL_POINTS = np.linspace(0.0, 1.0, 11)
+# How a detection's [x, y, w, h] is read (module docstring, "Box frames").
+DET_FRAMES = ("continuous", "voc")
+# Smallest legal w/h per frame: a VOC box with xmax = xmin - 1 is zero pixels wide.
+_MIN_WH = {"continuous": 0.0, "voc": -1.0}
 
 
 class GroundTruth(Protocol):
@@ -78,7 +102,8 @@ class Detections:
     Attributes:
         image: ``[D]`` index into ``gt.samples``.
         label: ``[D]`` class index into ``gt.classes``.
-        xywh: ``[D, 4]`` boxes exactly as given (COCO ``[x, y, w, h]``).
+        xywh: ``[D, 4]`` COCO ``[x, y, w, h]`` in the continuous frame: as given for
+            ``det_frame="continuous"``, moved from the VOC frame for ``"voc"``.
         scores: ``[D]`` confidences.
     """
 
@@ -122,8 +147,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_entry(d: Any, where: str) -> None:
-    """Structure of one COCO-results entry; raises naming ``where`` (file and index)."""
+def _check_entry(d: Any, where: str, min_wh: float = 0.0) -> None:
+    """Structure of one COCO-results entry; raises naming ``where`` (file and index).
+
+    ``min_wh`` is the smallest legal width/height: 0, or -1 in the VOC frame.
+    """
     if not isinstance(d, dict):
         raise DensedetError(f"{where}: expected an object with keys {list(REQUIRED_DET_KEYS)}, "
                             f"got {type(d).__name__}")
@@ -133,8 +161,10 @@ def _check_entry(d: Any, where: str) -> None:
     bbox = d["bbox"]
     if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(map(_is_number, bbox))):
         raise DensedetError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
-    if bbox[2] < 0 or bbox[3] < 0:
-        raise DensedetError(f"{where}: 'bbox' has a negative width or height: {bbox!r}")
+    if bbox[2] < min_wh or bbox[3] < min_wh:
+        what = ("a negative width or height" if min_wh == 0
+                else f"a width or height below {min_wh:g}")
+        raise DensedetError(f"{where}: 'bbox' has {what}: {bbox!r}")
     if not _is_number(d["score"]):
         raise DensedetError(f"{where}: 'score' must be a finite number, got {d['score']!r}")
     cat = d["category_id"]
@@ -143,13 +173,18 @@ def _check_entry(d: Any, where: str) -> None:
 
 
 def parse_detections(gt: GroundTruth, detections: Sequence[dict],
-                     source: str = "detections") -> Detections:
+                     source: str = "detections", det_frame: str = "continuous") -> Detections:
     """Validate COCO-results entries against ``gt`` and turn them into arrays.
+
+    ``det_frame`` (one of :data:`DET_FRAMES`) says how the boxes are read; the result is in
+    the continuous frame either way.
 
     Raises:
         DensedetError: naming ``source`` and the entry index for a malformed entry, an
             ``image_id`` not in the ground truth, or a ``category_id`` not in its class list.
     """
+    if det_frame not in DET_FRAMES:
+        raise DensedetError(f"unknown detection box frame {det_frame!r} (choose from {DET_FRAMES})")
     exact, loose = _image_lookup(gt.samples)
     cat_to_class = {int(c): k for k, c in enumerate(gt.category_ids)}
     n = len(detections)
@@ -159,7 +194,7 @@ def parse_detections(gt: GroundTruth, detections: Sequence[dict],
     scores = np.empty(n, np.float64)
     for i, d in enumerate(detections):
         where = f"{source}: entry {i}"
-        _check_entry(d, where)
+        _check_entry(d, where, _MIN_WH[det_frame])
         img = d["image_id"]
         idx = exact.get(img) if isinstance(img, (str, numbers.Integral)) else None
         idx = loose.get(str(img)) if idx is None else idx
@@ -174,7 +209,35 @@ def parse_detections(gt: GroundTruth, detections: Sequence[dict],
                 f"{len(gt.classes)} categories {_short_list(gt.category_ids)} "
                 f"(VOC/YOLO use the 0-based class index)")
         image[i], label[i], xywh[i], scores[i] = idx, cls, d["bbox"], d["score"]
+    if det_frame == "voc":
+        xywh = voc_to_continuous_xywh(xywh)
     return Detections(image, label, xywh, scores)
+
+
+def voc_to_continuous_xywh(xywh: np.ndarray) -> np.ndarray:
+    """``[D, 4]`` VOC-frame ``[x, y, w, h]`` -> the continuous frame, ``[D, 4]``.
+
+    The corners ``(x, y, x + w, y + h)`` are 1-based inclusive pixel indices (an XML
+    ``<bndbox>``); like the VOC reader, ``(xmin - 1, ymin - 1, xmax, ymax)``. The right/bottom
+    edge ``x + w`` is kept as computed, so only ``x`` and ``y`` are rounded by the shift.
+    """
+    x, y, w, h = np.asarray(xywh, np.float64).T
+    x1, y1 = x - 1.0, y - 1.0
+    return np.stack([x1, y1, (x + w) - x1, (y + h) - y1], axis=1)
+
+
+def continuous_to_voc_results(detections: Sequence[dict]) -> list[dict]:
+    """COCO-results entries in the continuous frame -> the VOC frame (other keys kept).
+
+    The inverse of :func:`voc_to_continuous_xywh`: ``[x + 1, y + 1, w - 1, h - 1]``, so
+    ``evaluate(gt, out, det_frame="voc")`` scores the same boxes as
+    ``evaluate(gt, detections)`` (up to float rounding).
+    """
+    out = []
+    for d in detections:
+        x, y, w, h = (float(v) for v in d["bbox"])
+        out.append({**d, "bbox": [x + 1.0, y + 1.0, w - 1.0, h - 1.0]})
+    return out
 
 
 def _short_list(values: Sequence, limit: int = 8) -> str:
@@ -440,7 +503,8 @@ def _nanmean(values: Sequence[float]) -> float:
 
 
 def evaluate(gt: GroundTruth, detections: Sequence[dict], iou_thr_voc: float = 0.5,
-             source: str = "detections", coco_backend: str = "auto") -> dict:
+             source: str = "detections", coco_backend: str = "auto",
+             det_frame: str = "continuous") -> dict:
     """COCO and VOC metrics of COCO-format ``detections`` against ``gt``.
 
     Args:
@@ -452,11 +516,16 @@ def evaluate(gt: GroundTruth, detections: Sequence[dict], iou_thr_voc: float = 0
         source: name used in error messages (e.g. the detections file).
         coco_backend: ``auto`` (faster-coco-eval when installed, else pycocotools),
             ``pycocotools`` or ``faster_coco_eval``; same numbers, different speed.
+        det_frame: how detection boxes are read (:data:`DET_FRAMES`): ``continuous`` (model
+            predictions, COCO/YOLO files) or ``voc`` (a VOC detections file in the
+            annotation's 1-based inclusive pixels; the devkit's VOC AP). See the module
+            docstring.
 
     Returns:
         A flat dict of fractions in [0, 1] (``nan`` when undefined): ``AP AP50 AP75 APs APm
         APl AR1 AR10 AR100 ARs ARm ARl VOC07_mAP50 VOC_mAP50``, counts ``num_images num_gt
-        num_det``, ``iou_thr_voc``, ``coco_backend``, ``per_class`` (list of ``{name,
+        num_det``, ``iou_thr_voc``, ``coco_backend``, ``det_frame``, ``gt_format`` (the
+        ground truth's ``fmt`` when it has one, else ``None``), ``per_class`` (list of ``{name,
         category_id, AP, AP50, VOC_AP, VOC07_AP, num_gt, num_det}``) and ``pr_curves``
         (list of :class:`PRCurve`, left out of :func:`metrics_to_json` unless asked for).
         ``VOC*_mAP50`` keep their names whatever ``iou_thr_voc`` is; the threshold is
@@ -471,7 +540,7 @@ def evaluate(gt: GroundTruth, detections: Sequence[dict], iou_thr_voc: float = 0
     if len(gt.category_ids) != len(gt.classes):
         raise DensedetError(f"ground truth: {len(gt.classes)} classes but "
                             f"{len(gt.category_ids)} category ids")
-    dets = parse_detections(gt, detections, source)
+    dets = parse_detections(gt, detections, source, det_frame)
     coco, per_ap, per_ap50 = coco_metrics(gt, dets, coco_backend)
     curves = voc_pr_curves(gt, dets, iou_thr_voc)
     per_class = [
@@ -484,6 +553,9 @@ def evaluate(gt: GroundTruth, detections: Sequence[dict], iou_thr_voc: float = 0
         "VOC07_mAP50": _nanmean([c.ap07 for c in curves]),
         "VOC_mAP50": _nanmean([c.ap for c in curves]),
         "iou_thr_voc": float(iou_thr_voc),
+        "det_frame": det_frame,
+        # lets a caller holding only the metrics (``densedet eval``'s model mode) know VOC ground truth
+        "gt_format": getattr(gt, "fmt", None) or None,
         "num_images": len(gt.samples),
         "num_gt": sum(c.num_gt for c in curves),
         "num_det": len(dets),
@@ -553,6 +625,9 @@ def format_report(metrics: dict) -> str:
     counts = [f"{k}={metrics[k]}" for k in ("num_images", "num_gt", "num_det") if k in metrics]
     if counts:
         lines.append("  ".join(counts))
+    if metrics.get("det_frame") == "voc":
+        lines.append("detection boxes read in the VOC annotation frame (1-based inclusive "
+                     "pixels, devkit IoU)")
     rows = metrics.get("per_class") or []
     if rows:
         width = max(12, *(len(str(r["name"])) for r in rows))
@@ -564,3 +639,35 @@ def format_report(metrics: dict) -> str:
             cells += [f"{_pct(r[c]):>8}" for c in cols[2:]]
             lines.append(f"{str(r['name']):<{width}}  " + "  ".join(cells))
     return "\n".join(lines)
+
+
+def load_detections(path: str | Path) -> list[dict]:
+    """Read a COCO results json (a list of entries); entries are validated by ``evaluate``.
+
+    Raises:
+        DensedetError: unreadable file, invalid JSON (with line/column), or not a list.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DensedetError(f"{path}: cannot read detections: {e.strerror or e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DensedetError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: "
+                            f"{e.msg}") from e
+    if not isinstance(data, list):
+        raise DensedetError(f"{path}: expected a JSON list of detections (COCO results "
+                            f"format), got {type(data).__name__}")
+    return data
+
+
+def read_ground_truth(ann: str, fmt: str | None = None, classes: list[str] | None = None,
+                      split: str | None = None) -> DatasetIndex:
+    """The ``DatasetIndex`` to score against: ``read_dataset``, except that a COCO json is
+    read without its images (it carries every image's size; pycocotools needs none either)."""
+    fmt = fmt or detect_format(ann)
+    if fmt == "coco":
+        return read_coco_ground_truth(ann, classes, split)
+    return read_dataset(ann, fmt=fmt, classes=classes, split=split)

@@ -18,7 +18,6 @@ compared with PyTorch; the maximum absolute difference is printed and a differen
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Optional
 
@@ -26,8 +25,6 @@ import torch
 from torch import nn
 
 from densedet.errors import DensedetError
-
-TRAILING_ARGS = True  # key=value may also follow the options
 
 
 class DecodedOutputs(nn.Module):
@@ -84,40 +81,3 @@ def check_onnx(model: nn.Module, path: str | Path, input_hw: tuple[int, int], at
         raise DensedetError(f"{path}: onnxruntime differs from PyTorch by {diff:.3g} (scores "
                             f"{diff_scores:.3g}, boxes {diff_boxes:.3g} px) > tolerance {atol}")
     return diff
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", required=True, help="a densedet checkpoint (best.pt / last.pt)")
-    parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format (onnx)")
-    parser.add_argument("--out", default=None, help="output file (default: next to the weights, .onnx)")
-    parser.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N",
-                        help="input size N or H W (default: the config's input_size)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    parser.add_argument("--atol", type=float, default=1e-3,
-                        help="largest allowed onnxruntime-vs-PyTorch difference (scores; boxes "
-                             "relative to the input size) (default 1e-3)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the stored config")
-
-
-def run(args: argparse.Namespace) -> int:
-    from densedet.config import trailing_overrides
-    from densedet.engine.build import model_from_weights
-
-    overrides = list(args.overrides) + trailing_overrides(args)
-    model, cfg, classes = model_from_weights(args.weights, None, overrides, device="cpu")
-    if args.input_size:
-        if len(args.input_size) not in (1, 2) or min(args.input_size) < 32:
-            raise DensedetError("--input-size takes N or H W (each >= 32)")
-        hw = (args.input_size[0], args.input_size[-1])
-    else:
-        hw = cfg.input_hw
-    out = Path(args.out) if args.out else Path(args.weights).with_suffix(".onnx")
-    export_onnx(model, out, hw, opset=args.opset)
-    print(f"wrote {out}: input images [B, 3, {hw[0]}, {hw[1]}] RGB in [0, 1]; outputs scores "
-          f"[B, A, {len(classes)}], boxes [B, A, 4] xyxy input px (no NMS); classes: {', '.join(classes)}")
-    diff = check_onnx(model, out, hw, atol=args.atol)
-    if diff is None:
-        print("onnxruntime not installed: parity check skipped (pip install onnxruntime)")
-    else:
-        print(f"onnxruntime vs PyTorch: max abs difference {diff:.2e} (tolerance {args.atol:g})")
-    return 0

@@ -1,15 +1,26 @@
 """``densedet predict --weights W SOURCE [SOURCE ...] [--out DIR] [--score-thresh 0.3] [key=value ...]``.
 
 SOURCE: image files or folders (searched recursively for images). Writes, under ``--out``:
-one drawn copy of every image (boxes, class names, scores) and ``detections.json``: per
-image its path, size and detections with boxes ``[x1, y1, x2, y2]`` in original-image pixels.
+one drawn copy of every image (boxes, class names, scores) and ``detections.json``::
+
+    {"weights": ..., "classes": [...], "score_thresh": ...,
+     "images": [{"image": path, "width": w, "height": h, "detections": [...], "drawn": path}],
+     "errors": [{"file": path, "error": "truncated JPEG: ..."}]}
+
+with boxes ``[x1, y1, x2, y2]`` in original-image pixels. Images are decoded with
+:func:`densedet.data.image.read_image`, the decoder training uses: the stored pixel grid, EXIF
+orientation ignored, so boxes, ``width``/``height`` and the drawn copy share one grid. An image
+that cannot be read (missing, truncated, undecodable) does not stop the others: it is named on
+stderr, listed under ``errors`` (a top-level key added next to ``images``, always present, so
+readers of ``images`` are unaffected) and makes the command exit 1.
+
 The model, its input size and the class names come from the checkpoint (``key=value``
 overrides apply to its stored config, e.g. ``input_size=640``).
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +29,6 @@ import torch
 
 from densedet.errors import DensedetError
 
-TRAILING_ARGS = True  # SOURCE and key=value may also follow the options
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -66,55 +76,78 @@ def draw_detections(image_bgr: np.ndarray, dets: list[dict]) -> np.ndarray:
 
 @torch.no_grad()
 def predict_images(model, cfg, classes: list[str], paths: list[Path], device: torch.device,
-                   score_thresh: float, batch_size: int = 4) -> list[dict]:
-    """Run ``model`` on image files; boxes mapped back to original-image pixels."""
-    from PIL import Image
+                   score_thresh: float, batch_size: int = 4) -> tuple[list[dict], list[dict]]:
+    """Run ``model`` on image files; boxes mapped back to original-image pixels.
 
+    Returns ``(results, errors)``: a result per image that decoded, in ``paths`` order, and
+    ``{"file", "error"}`` per image that did not, so one bad file does not stop the others.
+    """
     from densedet.data.dataset import DetectionDataset
     from densedet.data.loader import collate
+    from densedet.data.index import image_size
     from densedet.data.sample import Sample
     from densedet.data.transforms import unletterbox_boxes
 
     samples = []
     for i, p in enumerate(paths):
         try:
-            with Image.open(p) as im:
-                w, h = im.size
-        except Exception as e:
-            raise DensedetError(f"{p}: cannot read image: {e}") from None
+            w, h = image_size(p)  # the header only: lets the loader decode JPEGs reduced
+        except Exception:  # Pillow raises assorted types; the decoder below has the last word
+            w = h = 0  # 0: "size unknown", the dataset then decodes fully and trusts the file
         samples.append(Sample(image_id=i, path=str(p), width=w, height=h))
     # the evaluation transform (letterbox), exactly what the model was evaluated with
     dataset = DetectionDataset(samples, cfg.input_hw, augment=None)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    results = []
-    for images, _, metas in loader:
-        raw = model(images.to(device))
-        dets = model.postprocess(raw, score_thresh=score_thresh, nms_iou=cfg.eval.nms_iou,
-                                 max_det=cfg.eval.max_det)
-        for det, meta in zip(dets, metas):
-            s = samples[meta["image_id"]]
-            boxes = unletterbox_boxes(det.boxes.float().cpu(), meta)
-            results.append({
-                "image": s.path, "width": s.width, "height": s.height,
-                "detections": [{"box": [round(float(v), 2) for v in b], "score": round(float(sc), 4),
-                                "label": int(c), "class": classes[int(c)]}
-                               for b, sc, c in zip(boxes.tolist(), det.scores.tolist(), det.labels.tolist())],
-            })
-    return results
+    results, errors, batch = [], [], []
+    for i in range(len(dataset)):
+        try:
+            batch.append(dataset[i])
+        except DensedetError as e:
+            errors.append(_error_record(samples[i].path, e))
+        if batch and (len(batch) == batch_size or i == len(dataset) - 1):
+            images, _, metas = collate(batch)
+            batch = []
+            raw = model(images.to(device))
+            dets = model.postprocess(raw, score_thresh=score_thresh, nms_iou=cfg.eval.nms_iou,
+                                     max_det=cfg.eval.max_det)
+            for det, meta in zip(dets, metas):
+                (h, w), path = meta["orig_size"], samples[meta["image_id"]].path
+                boxes = unletterbox_boxes(det.boxes.float().cpu(), meta)
+                results.append({
+                    "image": path, "width": int(w), "height": int(h),
+                    "detections": [{"box": [round(float(v), 2) for v in b], "score": round(float(sc), 4),
+                                    "label": int(c), "class": classes[int(c)]}
+                                   for b, sc, c in zip(boxes.tolist(), det.scores.tolist(), det.labels.tolist())],
+                })
+    return results, errors
+
+
+def _error_record(path: str, err: DensedetError) -> dict:
+    """``{"file", "error"}`` for detections.json; the message without the leading path."""
+    from densedet.data.image import ImageError
+
+    message = err.reason if isinstance(err, ImageError) else str(err)
+    if message.startswith(f"{path}: "):
+        message = message[len(path) + 2:]
+    return {"file": str(path), "error": message}
 
 
 def predict(weights: str, sources: list[str], out: str | Path = "runs/predict", score_thresh: float = 0.3,
             overrides: Optional[list[str]] = None, config: Optional[str] = None, device: str = "auto",
-            draw: bool = True) -> list[dict]:
-    """Predict on ``sources`` and write drawn images + ``detections.json`` into ``out``."""
+            draw: bool = True) -> dict:
+    """Predict on ``sources`` and write drawn images + ``detections.json`` into ``out``.
+
+    Returns what was written to ``detections.json`` (layout in the module doc); images that
+    could not be read are in its ``errors`` list, not raised.
+    """
     import cv2
 
+    from densedet.data.image import ImageError, read_image
     from densedet.engine.build import model_from_weights, resolve_device
 
     dev = resolve_device(device)
     model, cfg, classes = model_from_weights(weights, config, overrides, device=dev)
     paths = collect_images(sources)
-    results = predict_images(model, cfg, classes, paths, dev, score_thresh)
+    results, errors = predict_images(model, cfg, classes, paths, dev, score_thresh)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
@@ -127,40 +160,34 @@ def predict(weights: str, sources: list[str], out: str | Path = "runs/predict", 
             k += 1
             unique = f"{name}_{k}"
         used.add(unique)
-        image = cv2.imread(r["image"], cv2.IMREAD_COLOR)
+        try:
+            image = read_image(r["image"])  # the grid the boxes refer to (EXIF ignored)
+        except ImageError as e:  # changed on disk since it was predicted
+            errors.append(_error_record(r["image"], e))
+            continue
         target = out / f"{unique}.jpg"
-        cv2.imwrite(str(target), draw_detections(image, r["detections"]))
-        r["drawn"] = str(target)
-    (out / "detections.json").write_text(json.dumps(
-        {"weights": str(weights), "classes": classes, "score_thresh": score_thresh, "images": results},
-        indent=1) + "\n")
-    return results
+        # imencode + write_bytes: cv2.imwrite cannot write non-ASCII paths on Windows
+        ok, encoded = cv2.imencode(".jpg", draw_detections(image, r["detections"]))
+        if ok:
+            target.write_bytes(encoded.tobytes())
+            r["drawn"] = str(target)
+    payload = {"weights": str(weights), "classes": classes, "score_thresh": score_thresh,
+               "images": results, "errors": errors}
+    (out / "detections.json").write_text(json.dumps(payload, indent=1) + "\n")
+    return payload
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", required=True, help="a densedet checkpoint (best.pt / last.pt)")
-    parser.add_argument("sources", nargs="+", metavar="SOURCE",
-                        help="image files or folders; key=value items override the stored config")
-    parser.add_argument("--out", default="runs/predict", help="output folder (default runs/predict)")
-    parser.add_argument("--score-thresh", type=float, default=0.3, help="minimum score (default 0.3)")
-    parser.add_argument("--config", default=None, help="use this YAML instead of the checkpoint's config")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    parser.add_argument("--no-draw", action="store_true", help="only write detections.json")
-
-
-def run(args: argparse.Namespace) -> int:
-    # key=value items among the sources are config overrides (unless such a file exists)
-    words = list(args.sources) + list(getattr(args, "trailing", None) or [])
-    unknown = [w for w in words if w.startswith("-") and not Path(w).exists()]
-    if unknown:
-        raise DensedetError(f"unrecognized arguments: {' '.join(unknown)}")
-    overrides = [w for w in words if "=" in w and not Path(w).exists()]
-    sources = [w for w in words if w not in overrides]
-    if not sources:
-        raise DensedetError("no SOURCE image or folder given")
-    results = predict(args.weights, sources, args.out, args.score_thresh, overrides, args.config,
-                      args.device, draw=not args.no_draw)
+def print_summary(written: dict, out: str | Path, drawn: bool = True) -> int:
+    """Print what :func:`predict` did (failed images on stderr, each named with its reason)
+    and return the exit status: 1 when any image failed, else 0."""
+    results, errors = written["images"], written["errors"]
+    for e in errors:
+        print(f"{e['file']}: {e['error']}", file=sys.stderr)
     n = sum(len(r["detections"]) for r in results)
-    print(f"{len(results)} image(s), {n} detection(s) >= {args.score_thresh}; wrote {args.out}/detections.json"
-          + ("" if args.no_draw else " and the drawn images"))
+    print(f"{len(results)} image(s), {n} detection(s) >= {written['score_thresh']}; wrote "
+          f"{out}/detections.json" + (" and the drawn images" if drawn else ""))
+    if errors:
+        print(f"FAILED: {len(errors)} image(s) could not be read (named above and under \"errors\" "
+              "in detections.json); exit status 1")
+        return 1
     return 0

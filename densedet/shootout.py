@@ -9,19 +9,17 @@ to ``OUT/shootout.png``.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import shlex
 import statistics
-import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from densedet.errors import DensedetError
+from densedet.config import load_config
+from densedet.engine import train
+
 
 COLUMNS = ("assigner", "seed", "AP", "AP50", "pos_per_object", "objects_without_pos",
            "assign_ms_per_iter", "wall_s")
@@ -80,18 +78,24 @@ def assignment_stats(weights: Path, assigner_name: str, assigner_params: dict,
 
 def run_one(config: str, overrides: Sequence[str], assigner: str, seed: int, epochs: Optional[int],
             out_dir: Path, log=print) -> dict:
-    """Train and score one assigner; returns one table row."""
-    from densedet.config import load_config
-    from densedet.engine import train
+    """Train and score one assigner; returns one table row.
 
+    Unattended and resumable: a run whose ``metrics.json`` exists finished earlier and is
+    reused; one with a ``last.pt`` but no ``metrics.json`` was interrupted and resumes; any
+    other leftover of an interrupted start is started afresh."""
     run_dir = out_dir / f"{assigner}_seed{seed}"
     extra = [f"assigner.name={assigner}", f"train.seed={seed}", f"output_dir={run_dir}"]
     if epochs is not None:
         extra.append(f"train.epochs={epochs}")
     cfg = load_config(config, list(overrides) + extra)
-    t0 = time.perf_counter()
-    metrics = train(cfg, log=log)
-    wall = time.perf_counter() - t0
+    finished = run_dir / "metrics.json"
+    if finished.is_file():
+        log(f"{run_dir}: finished earlier, reusing {finished}")
+        metrics = json.loads(finished.read_text())
+    else:
+        resume = (run_dir / "last.pt").is_file()
+        metrics = train(cfg, log=log, resume=resume, force=not resume)
+    wall = metrics.get("train", {}).get("train_seconds")
     stats = assignment_stats(run_dir / "best.pt", assigner, cfg.assigner.params)
     return {"assigner": assigner, "seed": seed, "AP": metrics.get("AP"), "AP50": metrics.get("AP50"),
             "pos_per_object": stats["pos_per_object"],
@@ -206,33 +210,3 @@ def shootout(config: str, assigners: Sequence[str], overrides: Sequence[str] = (
           "training iteration; wall s is the whole training run.", ""]
     (out_dir / "shootout.md").write_text("\n".join(md))
     return summary
-
-
-TRAILING_ARGS = True  # key=value overrides may follow the options
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config: the model, data and budget every assigner gets")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    parser.add_argument("--assigners", required=True, help="comma-separated assigner names")
-    parser.add_argument("--epochs", type=int, help="train.epochs for every run")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (each assigner runs once per seed)")
-    parser.add_argument("--out", default="runs/shootout", help="output folder")
-
-
-def run(args: argparse.Namespace) -> int:
-    from densedet.config import trailing_overrides
-    from densedet.viz import parse_assigners
-
-    args.overrides = list(args.overrides) + trailing_overrides(args)
-
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise DensedetError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-    command = "densedet " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    summary = shootout(args.config, parse_assigners(args.assigners), args.overrides, args.epochs,
-                       seeds, args.out, command=command)
-    print(markdown_table(summary))
-    print(f"wrote {Path(args.out) / 'shootout.md'}, shootout.json, shootout.png")
-    return 0

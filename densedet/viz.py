@@ -7,7 +7,6 @@ per level, and the objects left with none.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -15,11 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from densedet.assign import ASSIGNERS, Assignment, build_assigner
+from densedet.assign import Assignment, build_assigner
 from densedet.boxes import box_iou, box_to_distance
 from densedet.errors import DensedetError
 
-DEFAULT_ASSIGNERS = ("fcos", "atss", "simota", "dsl", "lla", "dw", "tal")
 
 
 def standin_predictions(priors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
@@ -174,29 +172,6 @@ def draw_assignments(image: np.ndarray, gt_boxes: Tensor, gt_labels: Tensor,
     return save_figure(fig, out_path)
 
 
-def parse_assigners(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ASSIGNERS]
-    if unknown:
-        raise DensedetError(f"--assigners: unknown assigner(s) {', '.join(unknown)}; "
-                            f"choose from {', '.join(ASSIGNERS)}")
-    return names
-
-
-TRAILING_ARGS = True  # key=value overrides may follow the options
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config (its data and model are used)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    parser.add_argument("--image", required=True, help="image id (the image file's stem)")
-    parser.add_argument("--assigners", default=",".join(DEFAULT_ASSIGNERS),
-                        help="comma-separated assigner names")
-    parser.add_argument("--weights", help="checkpoint whose predictions the dynamic assigners see")
-    parser.add_argument("--out", default="assign_viz.png", help="output PNG (a .md table is written beside it)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the stand-in predictions")
-
-
 def assign_viz(config: str, overrides: Sequence[str], image_id: str, names: Sequence[str],
                weights: Optional[str] = None, out: str | Path = "assign_viz.png",
                seed: int = 0) -> tuple[Path, str]:
@@ -250,15 +225,3 @@ def assign_viz(config: str, overrides: Sequence[str], image_id: str, names: Sequ
              + assignment_table(assignments, levels, model.strides, gt_labels[0], classes))
     png.with_suffix(".md").write_text(table + "\n")
     return png, table
-
-
-def run(args: argparse.Namespace) -> int:
-    from densedet.config import trailing_overrides
-
-    args.overrides = list(args.overrides) + trailing_overrides(args)
-    png, table = assign_viz(args.config, args.overrides, args.image, parse_assigners(args.assigners),
-                            args.weights, args.out, args.seed)
-    print(table)
-    print(f"wrote {png} and {png.with_suffix('.md')}")
-    return 0
-

@@ -101,8 +101,8 @@ def test_object_slices_do_not_change_the_answer(name, monkeypatch):
     # blocks of the other methods are covered by tests/test_assign_blocks.py)
     scene = make_scene(10, B=2, G=30, hw=(64, 64), crowd=True)
     whole = build_assigner(name, num_classes=5)(*scene)
-    import densedet.assign.fcos as fcos
-    monkeypatch.setattr(fcos, "CHUNK_ELEMENTS", 1)
+    from densedet.assign import common
+    monkeypatch.setattr(common, "MAX_CHUNK_PAIRS", 1)  # one object per chunk
     sliced = build_assigner(name, num_classes=5)(*scene)
     assert torch.equal(whole.gt_index, sliced.gt_index)
     for field in ("quality", "pos_weight", "neg_weight", "align_target"):

@@ -348,7 +348,7 @@ def test_multiscale_resizes_whole_batches_and_boxes():
 
 
 def test_budget_epochs_fit_the_wall_clock():
-    from densedet.engine.train_speed import _budget_epochs
+    from densedet.bench.train_speed import _budget_epochs
 
     # 17 epochs of 50 s + 3 evaluations of 10 s (the last, and 2 in the no-aug tail) = 880 s;
     # 18 would take 940 s: 40 s over beats 20 s under, so 17

@@ -385,9 +385,6 @@ def test_cli_usage_errors(argv, capsys):
 
 
 def test_cli_model_mode(monkeypatch, tmp_path, capsys):
-    import sys
-    import types
-
     calls = []
 
     def fake_evaluate_model(config_path, weights, split, overrides, json_out, device="auto"):
@@ -395,10 +392,9 @@ def test_cli_model_mode(monkeypatch, tmp_path, capsys):
         index = Index([sample("a", [(0, 0, 10, 10, 0)])], ["cat"])
         return evaluate(index, [det("a", 0, 0, 0, 10, 10, 0.9)])
 
-    # a stand-in engine module: the real one (torch, models) is not what is tested here
-    engine = types.ModuleType("densedet.engine")
-    engine.evaluate_model = fake_evaluate_model
-    monkeypatch.setitem(sys.modules, "densedet.engine", engine)
+    # a stand-in for the engine: the real one (torch, models) is not what is tested here
+    import densedet.cli.eval as eval_verb
+    monkeypatch.setattr(eval_verb, "evaluate_model", fake_evaluate_model)
     out = tmp_path / "m.json"
     # overrides after the options too (argparse alone would reject them)
     assert _main(["eval", "cfg.yaml", "--weights", "w.pt", "a.b=1", "c=x", "--json", out,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densedet.data.readers import BOX_TOLERANCE, detect_format, read_dataset
+from densedet.data.index import BOX_TOLERANCE
+from densedet.data.readers import detect_format, read_dataset
 from densedet.data.yolo import write_yolo
 from densedet.errors import DensedetError
 
@@ -338,7 +339,7 @@ def test_voc_cache_is_used_and_never_stale(tmp_path, monkeypatch):
     monkeypatch.setenv("DENSEDET_CACHE_DIR", str(tmp_path / "cache"))
     root = write_voc(tmp_path / "d")
     first = read_dataset(root, classes=CLASSES, cache=True)
-    assert len(list((tmp_path / "cache").glob("voc-*.pkl"))) == 1
+    assert len(list((tmp_path / "cache").glob("voc-*.json"))) == 1  # JSON, never pickle
     parsed = []
     real = voc.load_voc_xml
     monkeypatch.setattr(voc, "load_voc_xml", lambda xml: parsed.append(xml.name) or real(xml))

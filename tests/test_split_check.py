@@ -176,7 +176,14 @@ def test_check_flags_exif_rotation(tmp_path):
     root = _voc(tmp_path / "d", n=1)
     im = Image.new("RGB", (40, 30))
     exif = im.getexif()
-    exif[0x0112] = 6  # rotate 90: cv2.imread would return 30x40
+    exif[0x0112] = 6  # rotate 90: viewers honouring EXIF show 30x40
     im.save(root / "JPEGImages" / "000.jpg", exif=exif)
+    # densedet ignores EXIF orientation everywhere: annotated on the stored 40x30 grid is fine
+    assert check_dataset(read_dataset(root)) == []
+    # annotated with the rotated size: drawn on the rotated view, and check says so
+    xml = root / "Annotations" / "000.xml"
+    xml.write_text(xml.read_text().replace("<width>40</width><height>30</height>",
+                                           "<width>30</width><height>40</height>"))
     (problem,) = check_dataset(read_dataset(root))
     assert problem.file.endswith("000.jpg") and "EXIF orientation 6" in problem.message
+    assert problem.message.startswith("decoded size 40x30 differs from the annotated 30x40")

@@ -20,6 +20,7 @@ ASSIGNERS: dict[str, str] = {
     "lla": "densedet.assign.lla:LLAAssigner",
     "dw": "densedet.assign.dw:DWAssigner",
     "tal": "densedet.assign.tal:TALAssigner",
+    "ota": "densedet.assign.ota:OTAAssigner",
 }
 
 

@@ -22,10 +22,10 @@ from torch import Tensor
 
 from densedet.assign import common
 from densedet.assign.base import Assigner, Assignment
-from densedet.assign.fcos import LevelLayout, apply_ensure_each_gt, assigned_iou
 from densedet.boxes import box_iou
 
 NEG_INF = float("-inf")
+INF = float("inf")
 INSIDE_EPS = 0.01
 
 
@@ -77,7 +77,7 @@ class ATSSAssigner(Assigner):
         self.topk = topk
         self.anchor_scale = float(anchor_scale)
         self.ensure_each_gt = bool(ensure_each_gt)
-        self._layout = LevelLayout()
+        self._layout = common.LevelLayout()
 
     def __repr__(self) -> str:  # the base repr lists every attribute; hide the caches
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -87,36 +87,59 @@ class ATSSAssigner(Assigner):
                gt_labels: Tensor, gt_valid: Tensor) -> Assignment:
         B, A, _ = pred_scores.shape
         G = gt_boxes.shape[1]
+        dev = priors.device
+        candidates = torch.zeros((B, G, A), dtype=torch.bool, device=dev)  # returned
         if G == 0 or A == 0:
-            empty = torch.full((B, A), -1, dtype=torch.long, device=priors.device)
-            return common.build_assignment(empty, gt_labels, pred_boxes.new_zeros((B, G, A)),
-                                           candidate_mask=torch.zeros((B, G, A), dtype=torch.bool,
-                                                                      device=priors.device))
+            gt_index = torch.full((B, A), -1, dtype=torch.long, device=dev)
+            return common.build_assignment(gt_index, gt_labels, quality=pred_boxes.new_zeros(
+                (B, A)), candidate_mask=candidates)
         segments = self._layout.segments(priors)
         points = priors[:, :2]
-        centres = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, G, 2]
-        dist = (centres[:, :, None, :] - points).pow(2).sum(-1).sqrt()  # [B, G, A]
-        cand = nearest_per_level(dist, segments, self.topk)  # [B, G, K]
-        del dist
+        x, y = common.contiguous_columns(points)  # [A] each
+        anchors = anchor_boxes(priors, self.anchor_scale)
+        # Per object, only its K candidates matter ([B, G, K]); the [B, g, A] centre distances
+        # they are picked from are built a chunk of objects at a time (huge scenes).
+        chunk_cand = []
+        for part in common.object_chunks(B, G, A):
+            centres = (gt_boxes[:, part, :2] + gt_boxes[:, part, 2:]) / 2  # [B, g, 2]
+            # sqrt(dx^2 + dy^2): the same floats as the [B, g, A, 2] pow(2).sum(-1) form
+            dist = torch.sub(x, centres[..., 0, None]).square_()
+            dist += torch.sub(y, centres[..., 1, None]).square_()
+            chunk_cand.append(nearest_per_level(dist.sqrt_(), segments, self.topk))
+            del dist
+        cand = torch.cat(chunk_cand, dim=1)  # [B, G, K]
+        del chunk_cand
+        K = cand.shape[-1]
 
-        anchors = anchor_boxes(priors, self.anchor_scale)[cand]  # [B, G, K, 4]
-        cand_iou = box_iou(anchors, gt_boxes[:, :, None, :], aligned=True)  # [B, G, K]
+        cand_iou = box_iou(anchors[cand], gt_boxes[:, :, None, :], aligned=True)  # [B, G, K]
         threshold = mean_plus_std(cand_iou)  # [B, G]
         cand_points = points[cand]  # [B, G, K, 2]
         margin = torch.cat([cand_points - gt_boxes[:, :, None, :2],
                             gt_boxes[:, :, None, 2:] - cand_points], dim=-1).amin(dim=-1)
         positive = (cand_iou >= threshold[..., None]) & (margin > INSIDE_EPS) & gt_valid[..., None]
 
-        # scatter positives' anchor IoUs into [B, G, A]; -inf marks "not positive"
-        overlap = torch.full((B, G, A), NEG_INF, dtype=cand_iou.dtype, device=priors.device)
-        overlap.scatter_(-1, cand, cand_iou.masked_fill(~positive, NEG_INF))
-        best, gt_index = overlap.max(dim=1)  # ties → first
-        gt_index = torch.where(best > NEG_INF, gt_index, -1)
-        matched = overlap > NEG_INF
+        # each prior's positive of highest anchor IoU (ties: the lowest object index), from
+        # the sparse [B, G*K] positives: the best value per prior, then the lowest object
+        # holding it (a candidate appears once per object)
+        flat_prior = cand.reshape(B, G * K)
+        value = cand_iou.masked_fill(~positive, NEG_INF).reshape(B, G * K)
+        best = torch.full((B, A), NEG_INF, dtype=value.dtype, device=dev)
+        best.scatter_reduce_(1, flat_prior, value, reduce="amax")
+        gids = torch.arange(G, device=dev).repeat_interleave(K).expand(B, G * K)
+        holds = positive.reshape(B, G * K) & (value == best.gather(1, flat_prior))
+        gt_index = torch.full((B, A), G, dtype=torch.long, device=dev)
+        gt_index.scatter_reduce_(1, flat_prior, torch.where(holds, gids, G), reduce="amin")
+        gt_index = torch.where(gt_index < G, gt_index, -1)
         if self.ensure_each_gt:
-            gt_index = apply_ensure_each_gt(gt_index, matched, -overlap)
+            # per object, its positive of highest anchor IoU (cost -IoU), the lowest prior
+            # index on ties, as a min over the object's row of priors takes the first
+            low = torch.where(positive, -cand_iou, INF)
+            best_cost = low.amin(dim=-1)  # [B, G]
+            best_prior = torch.where(positive & (low == best_cost[..., None]), cand, A).amin(-1)
+            gt_index = common.rescue_matched(gt_index, positive.any(dim=-1),
+                                             best_prior.clamp_(max=A - 1), best_cost)
 
-        candidates = torch.zeros((B, G, A), dtype=torch.bool, device=priors.device)
         candidates.scatter_(-1, cand, gt_valid[..., None].expand_as(cand))
-        ious = assigned_iou(pred_boxes, gt_boxes, gt_index)
-        return common.build_assignment(gt_index, gt_labels, ious, candidate_mask=candidates)
+        quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
+        return common.build_assignment(gt_index, gt_labels, quality=quality,
+                                       candidate_mask=candidates)

@@ -5,7 +5,14 @@ Shapes: B images, G (padded) objects, A priors, C classes.
 
 Memory: the crowd case (B=2, G=500, A=8400) makes one ``[B, G, A]`` float32 tensor 34 MB, so
 these helpers never build ``[B, G, A, 4]`` (or ``[B, G, A, C]``), work axis by axis, reuse
-buffers in place where that is safe, and chunk the pairwise IoU over objects.
+buffers in place where that is safe, and chunk the pairwise IoU over objects. Huge scenes
+(aerial or retail images: B=1, G=5,000, A=33,600 makes one ``[B, G, A]`` float32 tensor
+672 MB) are walked a chunk of objects at a time (:func:`object_chunks`, at most
+:data:`MAX_CHUNK_PAIRS` pairs each): a selection or a rescue is per object, so a chunk's
+objects are decided from the chunk's pairs alone, and what is decided across objects (the
+cheapest or best object of a prior) is a running minimum / maximum over the chunks, exact
+to the bit. The only ``[B, G, A]`` tensors left are outputs of the contract (the bool
+``candidate_mask``; DW's ``pos_weight``). Everyday batches are one chunk.
 
 Speed on CPU (what the batched assigners are built around, measured with one thread):
 
@@ -20,7 +27,9 @@ Speed on CPU (what the batched assigners are built around, measured with one thr
 """
 from __future__ import annotations
 
+import math
 import threading
+import weakref
 from typing import Callable, NamedTuple
 
 import torch
@@ -46,6 +55,29 @@ IOU_CHUNK_ELEMENTS = 1 << 22
 BLOCK_ELEMENTS = 1 << 18
 #: never split the priors finer than this (rows shorter than this vectorise poorly).
 MIN_BLOCK_PRIORS = 64
+
+#: pairs (``B * g * A``) of one chunk of objects (:func:`object_chunks`): an assigner keeps
+#: two or three ``[B, g, A]`` float32 scratch tensors of a chunk (64 MB each at this size),
+#: so this bounds its memory in huge scenes. Everyday batches (B=16, G=20 or B=2, G=500 at
+#: 640 px: 2.7M and 8.4M pairs) are one chunk; B=1, G=5,000 is 3 chunks at 640 px and 11 at
+#: 1280 px. Shapes decide the chunks, never data (no host sync).
+MAX_CHUNK_PAIRS = 1 << 24
+
+
+# ---------------------------------------------------------------------- object chunks
+def object_chunks(B: int, G: int, A: int, max_pairs: int | None = None) -> list[slice]:
+    """Slices of the object axis, as few as keep ``B * g * A <= max_pairs`` (default
+    :data:`MAX_CHUNK_PAIRS`, read at call time), of equal size but the last; one slice
+    ``0:G`` when everything fits; none when ``G == 0``. Depends on shapes only."""
+    if G == 0:
+        return []
+    budget = MAX_CHUNK_PAIRS if max_pairs is None else max_pairs
+    per_object = max(1, B * A)
+    if G == 1 or G * per_object <= budget:
+        return [slice(0, G)]
+    n = -(-G // max(1, budget // per_object))  # as few chunks as the budget allows (ceil)
+    step = -(-G // n)  # then equal sizes: never above budget // per_object
+    return [slice(s, min(s + step, G)) for s in range(0, G, step)]
 
 
 # ----------------------------------------------------------------------- prior blocks
@@ -91,16 +123,20 @@ class Workspace:
         self._buffers: dict[tuple, Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-            device: torch.device) -> Tensor:
+            device: torch.device, capacity: int | None = None) -> Tensor:
+        """A contiguous ``shape`` tensor (uninitialised). ``capacity``: the buffer's size in
+        elements (at least ``prod(shape)``), so that the chunks of one call, the last one
+        smaller, share one buffer (views of its first elements)."""
+        numel = math.prod(shape)
+        capacity = numel if capacity is None else max(capacity, numel)
         if device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
         slot = (name, threading.get_ident())
-        key = (tuple(shape), dtype)
         buf = self._buffers.get(slot)
-        if buf is None or (tuple(buf.shape), buf.dtype) != key:
+        if buf is None or (buf.numel(), buf.dtype) != (capacity, dtype):
             self._buffers[slot] = buf = None  # drop the old size before allocating
-            self._buffers[slot] = buf = torch.empty(shape, dtype=dtype, device=device)
-        return buf
+            self._buffers[slot] = buf = torch.empty(capacity, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
 
     def __repr__(self) -> str:
         return "Workspace()"
@@ -269,7 +305,103 @@ def pairwise_iou(pred_boxes: Tensor, gt_boxes: Tensor) -> Tensor:
     return out
 
 
+def prior_levels(priors: Tensor) -> Tensor:
+    """Pyramid level of each prior: the rank of its stride among the distinct strides present.
+
+    Computed with a sort and a cumulative count of "stride changed" marks, so it needs no
+    ``unique`` (data-dependent shape) and no host sync.
+
+    Args:
+        priors: ``[A, 4]`` (cx, cy, stride_w, stride_h); the level key is ``stride_w``.
+    Returns:
+        ``[A]`` int64, 0 = smallest stride.
+    """
+    stride = priors[:, 2]
+    if stride.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=priors.device)
+    sorted_s, order = stride.sort(stable=True)
+    new_level = torch.ones_like(sorted_s, dtype=torch.long)
+    new_level[0] = 0
+    new_level[1:] = (sorted_s[1:] != sorted_s[:-1]).long()
+    rank_sorted = new_level.cumsum(0)
+    return torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+
+
+class LevelLayout:
+    """Host-side ``(start, size)`` of each level, cached per priors tensor.
+
+    A method that takes a fixed number of candidates *per level* (ATSS) needs the level
+    boundaries as Python ints. Reading them costs one host sync; the result is cached on the
+    identity of the priors tensor (and its in-place version counter), so a model that reuses
+    its priors tensor pays that sync once, not every step.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._segments: list[tuple[int, int]] = []
+
+    def segments(self, priors: Tensor) -> list[tuple[int, int]]:
+        """``[(start, size), ...]`` per level; levels must be contiguous (docs/design.md order)."""
+        key = self._key
+        if key is not None and key[0]() is priors and key[1] == priors._version \
+                and key[2] == tuple(priors.shape):
+            return self._segments
+        levels = prior_levels(priors).cpu()  # the one host sync, cached below
+        segments = []
+        if levels.numel():
+            counts = torch.bincount(levels).tolist()
+            start = 0
+            for n in counts:
+                segments.append((start, n))
+                start += n
+            expected = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+            if not torch.equal(expected, levels):
+                raise ValueError("priors must be ordered by ascending stride, one contiguous "
+                                 "block per level (see docs/design.md)")
+        self._segments = segments
+        self._key = (weakref.ref(priors), priors._version, tuple(priors.shape))
+        return segments
+
+    def __repr__(self) -> str:
+        return "LevelLayout()"
+
+    def __deepcopy__(self, memo) -> "LevelLayout":
+        return LevelLayout()
+
+    def __getstate__(self) -> dict:
+        return {"_key": None, "_segments": []}
+
+
+def assigned_box_iou(pred_boxes: Tensor, gt_boxes: Tensor, gt_index: Tensor) -> Tensor:
+    """IoU of each prior's predicted box with the box of its assigned object, ``[B, A]``
+    (0 for background): gather the assigned box, then one aligned IoU.
+
+    The same float, bit for bit, as the entry of the pairwise ``box_iou(gt_boxes,
+    pred_boxes)`` (the same operations on the same numbers), so a method never needs to keep
+    its ``[B, G, A]`` IoU just to read the quality of its positives.
+    """
+    B, A = gt_index.shape
+    if gt_boxes.shape[1] == 0:
+        return pred_boxes.new_zeros((B, A))
+    box = gt_boxes.gather(1, gt_index.clamp(min=0)[..., None].expand(B, A, 4))  # [B, A, 4]
+    iou = box_iou(pred_boxes, box, aligned=True)
+    return torch.where(gt_index >= 0, iou, 0.0)
+
+
 # ------------------------------------------------------------------------ class cost
+def class_scores_bag(pred_scores: Tensor, gt_labels: Tensor) -> Tensor:
+    """Each prior's score on each object's class, ``[B, A, C]``, ``[B, G]`` -> ``[B, A, G]``.
+
+    Gathers along the class axis, reading each prior's row of C scores once for all objects;
+    gathering along A per object (slice) instead streams the whole ``[B, A, C]`` score tensor
+    through the cache once per slice. Slice it as ``[:, blk].transpose(1, 2)``. Padding
+    labels are clamped into range.
+    """
+    B, A, C = pred_scores.shape
+    idx = gt_labels.clamp(0, C - 1)[:, None, :].expand(B, A, gt_labels.shape[1])
+    return pred_scores.gather(2, idx)
+
+
 def gather_gt_class_scores(pred_scores: Tensor, gt_labels: Tensor) -> Tensor:
     """Each prior's score on each object's class.
 
@@ -480,7 +612,22 @@ def select_dynamic_k(cost: Tensor, ious: Tensor, candidate_topk: int) -> Selecti
     return select_cheapest(cost, n, k)
 
 
-def resolve_selection(sel: Selection, cost: Tensor, gt_valid: Tensor) -> Tensor:
+def _take_counts(sel: Selection, A: int) -> tuple[Tensor, Tensor]:
+    """How many objects took each prior and the (highest-index) one that did, ``[B, A]``
+    each (-1 where none did)."""
+    B, G, n = sel.index.shape
+    index = sel.index.reshape(B, G * n)
+    taken = sel.taken.reshape(B, G * n)
+    gids = torch.arange(G, device=index.device).repeat_interleave(n).expand(B, G * n)
+    count = torch.zeros((B, A), dtype=torch.long, device=index.device)
+    count.scatter_add_(1, index, taken.long())
+    owner = torch.full((B, A), -1, dtype=torch.long, device=index.device)
+    owner.scatter_reduce_(1, index, torch.where(taken, gids, -1), reduce="amax")
+    return count, owner
+
+
+def resolve_selection(sel: Selection, cost: Tensor | None, gt_valid: Tensor,
+                      cheapest: Tensor | None = None) -> Tensor:
     """Conflict resolution the way YOLOX, NanoDet and LLA do it: a prior taken once keeps its
     object; taken several times it goes to the object of lowest cost among ALL valid objects
     (the reference code takes ``min`` over the whole cost column, not only over the objects
@@ -488,23 +635,23 @@ def resolve_selection(sel: Selection, cost: Tensor, gt_valid: Tensor) -> Tensor:
 
     Args:
         sel: the selection.
-        cost: ``[B, G, A]`` (read at the selected priors only, when that is cheaper).
+        cost: ``[B, G, A]`` (read at the selected priors only, when that is cheaper); may be
+            None when ``cheapest`` is given.
         gt_valid: ``[B, G]`` bool.
+        cheapest: ``[B, A]`` each prior's cheapest valid object (first on ties), already
+            known (e.g. a running minimum over chunks of objects, :class:`RunningArgBest`).
     Returns:
         ``[B, A]`` int64 object index, -1 for background.
     """
-    B, G, A = cost.shape
-    n = sel.index.shape[-1]
-    index = sel.index.reshape(B, G * n)
-    taken = sel.taken.reshape(B, G * n)
-    gids = torch.arange(G, device=cost.device).repeat_interleave(n).expand(B, G * n)
-    count = torch.zeros((B, A), dtype=torch.long, device=cost.device)
-    count.scatter_add_(1, index, taken.long())
-    owner = torch.full((B, A), -1, dtype=torch.long, device=cost.device)
-    owner.scatter_reduce_(1, index, torch.where(taken, gids, -1), reduce="amax")
-    if 8 * G * n <= A:
+    B, G, n = sel.index.shape
+    A = cost.shape[-1] if cheapest is None else cheapest.shape[-1]
+    count, owner = _take_counts(sel, A)
+    if cheapest is not None:
+        pass
+    elif 8 * G * n <= A:
         # few selected priors: the cost columns of those only, [B, G, G*n] (a random gather
         # costs several times a streamed read, hence the factor 8)
+        index = sel.index.reshape(B, G * n)
         columns = cost.gather(2, index[:, None, :].expand(B, G, G * n))
         # min(dim).indices: the same first minimum as argmin, which is ~2x slower on CPU
         # along a non-innermost axis
@@ -520,6 +667,31 @@ def resolve_selection(sel: Selection, cost: Tensor, gt_valid: Tensor) -> Tensor:
     return torch.where(count > 1, cheapest, owner)
 
 
+class RunningArgBest:
+    """Each prior's best object over chunks of objects: ``update(value, index, start)`` with a
+    chunk's per-prior best ``value`` and its ``index`` inside the chunk (first best on ties);
+    a later chunk replaces the running best only when strictly better, so ties keep the
+    lowest object index, as one ``min``/``max`` over all objects does.
+
+    Args:
+        shape: ``[B, A]``; largest: maximum (else minimum); init: the starting value (an
+            update must beat it; the index starts at -1).
+    """
+
+    def __init__(self, shape: tuple[int, int], largest: bool, init: float,
+                 dtype: torch.dtype, device: torch.device):
+        self.largest = largest
+        self.value = torch.full(shape, init, dtype=dtype, device=device)
+        self.index = torch.full(shape, -1, dtype=torch.long, device=device)
+
+    def update(self, value: Tensor, index: Tensor, start: int) -> Tensor:
+        """Merge a chunk; returns the ``[B, A]`` bool mask of priors whose best changed."""
+        better = value > self.value if self.largest else value < self.value
+        self.value = torch.where(better, value, self.value)
+        self.index = torch.where(better, index + start, self.index)
+        return better
+
+
 def rescue_lost(gt_index: Tensor, sel: Selection) -> Tensor:
     """:func:`ensure_each_gt` on a sparse selection: an object that took priors but kept none
     gets its cheapest taken prior (``sel.index[..., 0]``) back; rescued objects wanting the
@@ -531,12 +703,15 @@ def rescue_lost(gt_index: Tensor, sel: Selection) -> Tensor:
     Returns:
         ``[B, A]`` int64.
     """
-    B, G, _ = sel.index.shape
-    A = gt_index.shape[1]
-    owned = torch.zeros((B, G + 1), dtype=torch.long, device=gt_index.device)
-    owned.scatter_add_(1, gt_index + 1, torch.ones_like(gt_index))  # slot 0: background
-    lost = sel.taken[..., 0] & (owned[:, 1:] == 0)  # [B, G]; taken is a prefix
-    return _rescue(gt_index, lost, sel.index[..., 0], sel.cost[..., 0])
+    return rescue_matched(gt_index, sel.taken[..., 0], sel.index[..., 0], sel.cost[..., 0])
+
+
+def _owned_counts(gt_index: Tensor, G: int) -> Tensor:
+    """``[B, G]`` how many priors each object owns: one scatter over ``[B, A]``, not a
+    ``[B, A, G]`` one-hot (slot 0 collects background)."""
+    owned = torch.zeros((gt_index.shape[0], G + 1), dtype=torch.long, device=gt_index.device)
+    owned.scatter_add_(1, gt_index + 1, torch.ones_like(gt_index))
+    return owned[:, 1:]
 
 
 def _rescue(gt_index: Tensor, lost: Tensor, best_prior: Tensor, best_cost: Tensor) -> Tensor:
@@ -551,6 +726,33 @@ def _rescue(gt_index: Tensor, lost: Tensor, best_prior: Tensor, best_cost: Tenso
     pick = torch.full((B, A), G, device=gt_index.device, dtype=torch.long)
     pick.scatter_reduce_(1, best_prior, torch.where(winner, gids, G), reduce="amin")
     return torch.where(pick < G, pick, gt_index)
+
+
+def matched_summary(matched: Tensor, cost: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What the rescue of :func:`ensure_each_gt` needs to know of each object, per object
+    (so a chunk of objects at a time gives the same answer):
+
+    Args:
+        matched: ``[B, g, A]`` bool matching before conflict resolution.
+        cost: ``[B, g, A]`` (broadcastable).
+    Returns:
+        ``(any_matched, best_prior, best_cost)``, ``[B, g]`` each: whether the object matched
+        some prior, its cheapest matched prior (first on ties) and that cost.
+    """
+    best_cost, best_prior = torch.where(matched, cost, INF).min(dim=-1)
+    return matched.any(dim=-1), best_prior, best_cost
+
+
+def rescue_matched(gt_index: Tensor, any_matched: Tensor, best_prior: Tensor,
+                   best_cost: Tensor) -> Tensor:
+    """The rescue of :func:`ensure_each_gt` from the per-object :func:`matched_summary`
+    (``[B, G]`` each): an object that matched some prior but owns none after conflict
+    resolution gets its ``best_prior``."""
+    G = any_matched.shape[1]
+    if G == 0:
+        return gt_index
+    lost = any_matched & (_owned_counts(gt_index, G) == 0)  # [B, G]
+    return _rescue(gt_index, lost, best_prior, best_cost)
 
 
 def ensure_each_gt(gt_index: Tensor, matched: Tensor, cost: Tensor) -> Tensor:
@@ -568,35 +770,39 @@ def ensure_each_gt(gt_index: Tensor, matched: Tensor, cost: Tensor) -> Tensor:
     Returns:
         ``[B, A]`` int64.
     """
-    B, G, A = matched.shape
-    if G == 0:
+    if matched.shape[1] == 0:
         return gt_index
-    # how many priors each object owns after resolution: one scatter over [B, A], not a
-    # [B, A, G] one-hot (slot 0 collects background)
-    owned = torch.zeros((B, G + 1), dtype=torch.long, device=gt_index.device)
-    owned.scatter_add_(1, gt_index + 1, torch.ones_like(gt_index))
-    lost = matched.any(dim=-1) & (owned[:, 1:] == 0)  # [B, G]
-    best_cost, best_prior = cost.masked_fill(~matched, INF).min(dim=-1)  # [B, G]
-    return _rescue(gt_index, lost, best_prior, best_cost)
+    return rescue_matched(gt_index, *matched_summary(matched, cost))
 
 
-def build_assignment(gt_index: Tensor, gt_labels: Tensor, ious: Tensor, **extra) -> Assignment:
+#: the former name in ``densedet.assign.fcos`` (the same function).
+apply_ensure_each_gt = ensure_each_gt
+
+
+def build_assignment(gt_index: Tensor, gt_labels: Tensor, ious: Tensor | None = None,
+                     quality: Tensor | None = None, **extra) -> Assignment:
     """Fill labels and quality from the chosen object indices.
 
     Args:
         gt_index: ``[B, A]`` int64, -1 for background.
         gt_labels: ``[B, G]`` int64.
-        ious: ``[B, G, A]`` IoU of each object with each prior's prediction.
+        ious: ``[B, G, A]`` IoU of each object with each prior's prediction, read at the
+            assigned pairs; or
+        quality: ``[B, A]`` that IoU of each prior with its assigned object (e.g.
+            :func:`assigned_box_iou`), zeroed on background here.
         extra: further :class:`Assignment` fields.
     """
     pos = gt_index >= 0
     idx = gt_index.clamp(min=0)
     if gt_labels.shape[1] == 0:
         labels = torch.full_like(gt_index, -1)
-        quality = torch.zeros(gt_index.shape, device=gt_index.device, dtype=ious.dtype)
+        dtype = quality.dtype if quality is not None else ious.dtype
+        quality = torch.zeros(gt_index.shape, device=gt_index.device, dtype=dtype)
     else:
         labels = torch.where(pos, gt_labels.gather(1, idx), -1)
-        quality = torch.where(pos, ious.gather(1, idx[:, None]).squeeze(1), 0.0)
+        if quality is None:
+            quality = ious.gather(1, idx[:, None]).squeeze(1)
+        quality = torch.where(pos, quality, 0.0)
     return Assignment(gt_index=gt_index, labels=labels, quality=quality, **extra)
 
 
@@ -610,7 +816,8 @@ def empty_assignment(B: int, A: int, device: torch.device, **extra) -> Assignmen
 def fill_pairs(block_fn: Callable[[slice], tuple[Tensor, Tensor, Tensor]], workspace: "Workspace",
                shape: tuple[int, int, int], dtype: torch.dtype,
                device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """The cost-based assigners' pair tensors, a block of priors at a time.
+    """The cost-based assigners' pair tensors, a block of priors at a time (one chunk of
+    objects; :func:`cost_chunks` walks the chunks).
 
     ``block_fn(blk)`` returns ``(mask, cost, ious)`` of the priors ``blk`` with every object.
     The mask is returned to the caller (a fresh ``[B, G, A]`` bool tensor); cost and IoU live in
@@ -623,7 +830,77 @@ def fill_pairs(block_fn: Callable[[slice], tuple[Tensor, Tensor, Tensor]], works
         workspace.get("ious", shape, dtype, device)), rows=B * G)
 
 
-def resolve(sel: "Selection", cost: Tensor, gt_valid: Tensor, ensure_each_gt: bool) -> Tensor:
-    """Conflict resolution (cheapest object wins), then the optional ``ensure_each_gt`` rescue."""
+def prior_any(block_fn: Callable[[slice, slice], Tensor], chunks: list[slice], B: int, A: int,
+              device: torch.device) -> Tensor:
+    """``[B, A]`` bool: whether ``block_fn(part, blk)`` (``[B, a]`` bool, "some object of the
+    chunk ``part`` holds the prior") holds for some chunk; e.g. an image's candidate priors
+    (the union of its objects' regions) before the chunks' costs are built."""
+    out = torch.zeros((B, A), dtype=torch.bool, device=device)
+    for part in chunks:
+        g = part.stop - part.start
+        for blk in prior_blocks(B * g, A, device):
+            out[:, blk] |= block_fn(part, blk)
+    return out
+
+
+def cost_chunks(pairs: Callable[[slice, slice], tuple[Tensor, ...]],
+                select: Callable[..., Selection], chunks: list[slice], workspace: Workspace,
+                shape: tuple[int, int, int], gt_valid: Tensor, rescue_lost_objects: bool,
+                dtype: torch.dtype, device: torch.device,
+                extras: tuple[str, ...] = ("ious",)) -> tuple[Tensor, Tensor]:
+    """The cost-based assigners (select per object, the cheapest object wins a conflict), a
+    chunk of objects at a time.
+
+    For every chunk ``part`` of :func:`object_chunks`, ``pairs(part, blk)`` returns ``(mask,
+    cost, *extras)`` of the chunk's objects with the priors ``blk`` (``[B, g, a]`` each; the
+    cost ``inf`` where a pair must not be chosen); they are filled a block of priors at a time
+    (:func:`fill_by_prior_blocks`), the mask into the returned ``[B, G, A]`` bool tensor, the
+    rest into ``workspace`` buffers of one chunk's size. ``select(cost, *extras)`` picks each
+    object's priors (per object, so per chunk); conflicts go to the cheapest valid object over
+    all chunks (a running minimum, first object on ties, exactly one ``min`` over all
+    objects); then the optional rescue (:func:`rescue_lost`).
+
+    Returns:
+        ``(gt_index [B, A], mask [B, G, A])``.
+    """
+    B, G, A = shape
+    mask = torch.empty(shape, dtype=torch.bool, device=device)
+    step = chunks[0].stop - chunks[0].start
+    capacity = B * step * A
+    names = ("cost",) + tuple(extras)
+    if len(chunks) == 1:  # everyday batches: today's single pass
+        bufs = tuple(workspace.get(n, shape, dtype, device) for n in names)
+        fill_by_prior_blocks(lambda blk: pairs(chunks[0], blk), (mask,) + bufs, rows=B * G)
+        sel = select(*bufs)
+        gt_index = resolve_selection(sel, bufs[0], gt_valid)
+    else:
+        padding_inf = row_inf(gt_valid)
+        best = RunningArgBest((B, A), largest=False, init=INF, dtype=dtype, device=device)
+        sels = []
+        for part in chunks:
+            g = part.stop - part.start
+            bufs = tuple(workspace.get(n, (B, g, A), dtype, device, capacity) for n in names)
+            pad = padding_inf[:, part]
+
+            def block(blk: slice, part=part, pad=pad) -> tuple[Tensor, ...]:
+                out = pairs(part, blk)
+                low, low_idx = out[1].add(pad).min(dim=1)  # this chunk's cheapest valid object
+                return out + (low, low_idx)
+
+            *_, low, low_idx = fill_by_prior_blocks(block, (mask[:, part],) + bufs + (
+                torch.empty((B, A), dtype=dtype, device=device),
+                torch.empty((B, A), dtype=torch.long, device=device)), rows=B * g)
+            best.update(low, low_idx, part.start)
+            sels.append(select(*bufs))
+        sel = Selection(*(torch.cat(t, dim=1) for t in zip(*sels)))
+        gt_index = resolve_selection(sel, None, gt_valid, cheapest=best.index)
+    if rescue_lost_objects:
+        gt_index = rescue_lost(gt_index, sel)
+    return gt_index, mask
+
+
+def resolve(sel: "Selection", cost: Tensor, gt_valid: Tensor, rescue_lost_objects: bool) -> Tensor:
+    """Conflict resolution (cheapest object wins), then the optional :func:`rescue_lost`
+    (an assigner's ``ensure_each_gt`` option)."""
     gt_index = resolve_selection(sel, cost, gt_valid)
-    return rescue_lost(gt_index, sel) if ensure_each_gt else gt_index
+    return rescue_lost(gt_index, sel) if rescue_lost_objects else gt_index

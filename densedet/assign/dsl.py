@@ -90,26 +90,35 @@ class DSLAssigner(Assigner):
         boxes = common.mask_padding_boxes(gt_boxes, gt_valid)  # padding rows contain nothing
         bg = common.per_prior_class_sum(pred_scores, soft_label_background)  # [B, A]
         padding_inf = common.row_inf(gt_valid)  # [B, G, 1]: 0, inf on padding rows
+        chunks = common.object_chunks(B, G, A)
+        union = None  # the image's candidates (inside any box), [B, A]
+        if len(chunks) > 1:  # needed by every chunk: first, over all chunks
+            union = common.prior_any(
+                lambda part, blk: common.box_margin(priors[blk, :2], boxes[:, part]).amax(1) > 0,
+                chunks, B, A, pred_scores.device)
 
-        def pairs(blk: slice) -> tuple[Tensor, Tensor, Tensor]:
-            """Inside-box mask, cost and IoU of the priors ``blk`` with every object."""
-            margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a], > 0 inside
-            # the image's candidates (inside any box): cost inf elsewhere
-            candidate = margin.amax(dim=1) > 0  # [B, a]
-            ious = common.pairwise_iou(pred_boxes[:, blk], gt_boxes)  # also the soft target
+        def pairs(part: slice, blk: slice) -> tuple[Tensor, Tensor, Tensor]:
+            """Inside-box mask, cost and IoU of the objects ``part`` with the priors ``blk``."""
+            margin = common.box_margin(priors[blk, :2], boxes[:, part])  # [B, g, a], > 0 inside
+            # the image's candidates: cost inf elsewhere
+            candidate = margin.amax(dim=1) > 0 if union is None else union[:, blk]  # [B, a]
+            ious = common.pairwise_iou(pred_boxes[:, blk], gt_boxes[:, part])  # the soft target
             bg_or_inf = bg[:, blk].masked_fill(~candidate, common.INF)
-            cost = common.split_class_cost(pred_scores[:, blk], gt_labels, ious, soft_label_cost,
-                                           soft_label_correction, bg=bg_or_inf)
+            cost = common.split_class_cost(pred_scores[:, blk], gt_labels[:, part], ious,
+                                           soft_label_cost, soft_label_correction, bg=bg_or_inf)
             cost.sub_(ious.add(1e-7).log_(), alpha=self.iou_weight)
             if self.soft_center_prior:
-                cost += soft_centre_prior(priors[blk], gt_boxes, self.soft_center_radius)
-            cost += padding_inf
+                cost += soft_centre_prior(priors[blk], gt_boxes[:, part], self.soft_center_radius)
+            cost += padding_inf[:, part]
             ious.mul_(candidate[:, None, :])  # only candidate IoUs count for dynamic k
             return margin > 0, cost, ious
 
-        # every pair depends on its own prior only: computed a block of priors at a time
-        in_box, cost, ious = common.fill_pairs(pairs, self._workspace, (B, G, A),
-                                             pred_scores.dtype, pred_scores.device)
-        sel = common.select_dynamic_k(cost, ious, self.candidate_topk)
-        gt_index = common.resolve(sel, cost, gt_valid, self.ensure_each_gt)
-        return common.build_assignment(gt_index, gt_labels, ious, candidate_mask=in_box)
+        # every pair depends on its own prior only: computed a block of priors at a time, a
+        # chunk of objects at a time (huge scenes)
+        gt_index, in_box = common.cost_chunks(
+            pairs, lambda cost, ious: common.select_dynamic_k(cost, ious, self.candidate_topk),
+            chunks, self._workspace, (B, G, A), gt_valid, self.ensure_each_gt,
+            pred_scores.dtype, pred_scores.device)
+        quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
+        return common.build_assignment(gt_index, gt_labels, quality=quality,
+                                       candidate_mask=in_box)

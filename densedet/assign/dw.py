@@ -42,8 +42,6 @@ from torch import Tensor
 
 from densedet.assign import common
 from densedet.assign.base import Assigner, Assignment
-from densedet.assign.fcos import apply_ensure_each_gt
-from densedet.assign.tal import class_scores_bag
 from densedet.boxes import box_iou
 
 SUM_EPS = 1e-12
@@ -95,87 +93,105 @@ class DWAssigner(Assigner):
                               pos_weight=pred_scores.new_zeros((B, 0, A)), neg_weight=neg_weight,
                               candidate_mask=torch.zeros((B, 0, A), dtype=torch.bool, device=dev))
         boxes = common.mask_padding_boxes(gt_boxes, gt_valid)  # padding rows contain nothing
-        all_scores = class_scores_bag(pred_scores, gt_labels)  # [B, A, G]
         log_prior_scale = -1.0 / (2 * self.sigma * self.sigma)
-        # per-object maximum / minimum candidate IoU (for the P_neg min-max), over all blocks
-        iou_hi = pred_scores.new_full((B, G), -1.0)
-        iou_lo = pred_scores.new_full((B, G), 2.0)
-
-        def inside_and_scores(blk: slice) -> tuple[Tensor, Tensor]:
-            """Candidates as a float 0/1 mask and each object's class score, ``[B, G, a]``."""
-            inside = common.box_margin(priors[blk, :2], boxes).gt_(0.0)  # float: fast on CPU
-            return inside, all_scores[:, blk].transpose(1, 2).contiguous()
-
-        # Pass 1, by blocks of priors: everything per pair, and the per-object reductions
-        # (the e^{3t} sum, the IoU range) that pass 2 needs.
-        def pass1(blk: slice) -> tuple[Tensor, ...]:
-            inside, scores = inside_and_scores(blk)
-            ious, giou = box_iou(gt_boxes, pred_boxes[:, blk], mode="iou_giou")  # [B, G, a]
-            # t = s * exp(-5 (1 - GIoU)), zeroed outside the candidates: their terms are 0
-            t = giou.sub_(1).mul_(5).exp_().mul_(scores).mul_(inside)
-            log_prior = centre_distance_sq(priors[blk], gt_boxes).mul_(log_prior_scale)
-            log_prior.clamp_(min=LOG_PRIOR_MIN)
-            # e^{3t} * t * prior and e^{5t} * t * prior, each as one exp(kt + log prior)
-            den_terms = t.mul(3).add_(log_prior).exp_().mul_(t)
-            numerator = log_prior.add_(t.mul(5)).exp_().mul_(t)
-            # candidate IoU range: -1 / 2 outside (exact: iou * 1 + 0, 0 + (-1))
-            outside = inside.neg().add_(1.0)
-            torch.maximum(iou_hi, torch.addcmul(outside.neg(), ious, inside).amax(-1), out=iou_hi)
-            torch.minimum(iou_lo, torch.addcmul(outside.mul_(2), ious, inside).amin(-1),
-                          out=iou_lo)
-            return inside.bool(), ious, den_terms, numerator
-
-        candidates, ious, den_terms, pos_weight = common.fill_by_prior_blocks(pass1, (
-            torch.empty((B, G, A), dtype=torch.bool, device=dev),  # returned: fresh tensors
-            self._workspace.get("ious", (B, G, A), dtype, dev),
-            self._workspace.get("den_terms", (B, G, A), dtype, dev),
-            torch.empty((B, G, A), dtype=dtype, device=dev)), rows=B * G)
-        den = den_terms.sum(dim=-1, keepdim=True).clamp_(min=SUM_EPS)  # [B, G, 1]
-        # P_neg min-max: f decreases with IoU (rounding keeps the order), so f_min / f_max over
-        # the candidates are f of the largest / smallest candidate IoU
-        f_min = neg_iou_f(iou_hi[..., None])
-        f_hi = neg_iou_f(iou_lo[..., None]).clamp_(max=1.0)
-        span = f_hi - f_min
-        ok = span > 0  # else (one candidate, equal IoUs) P_neg = 1 on the whole object
-        span = torch.where(ok, span, torch.ones_like(span))
         labels = gt_labels.clamp(0, C - 1)
+        candidates = torch.empty((B, G, A), dtype=torch.bool, device=dev)  # returned
+        pos_weight = torch.empty((B, G, A), dtype=dtype, device=dev)  # returned
+        # Everything of an object is decided from its own row of pairs, so the objects are
+        # walked a chunk at a time (huge scenes; one chunk in everyday batches) and only the
+        # chunk's scratch is kept. Across chunks: neg_weight is an order-independent minimum,
+        # and each prior's winner a running best (ties: the lowest object index).
+        chunks = common.object_chunks(B, G, A)
+        capacity = B * (chunks[0].stop - chunks[0].start) * A
+        best = common.RunningArgBest((B, A), largest=True, init=-1.0, dtype=dtype, device=dev)
+        quality = torch.zeros((B, A), dtype=dtype, device=dev)
+        summaries = []  # per chunk, for ensure_each_gt
+        for part in chunks:
+            g = part.stop - part.start
+            all_scores = common.class_scores_bag(pred_scores, gt_labels[:, part])  # [B, A, g]
+            part_boxes, part_gt = boxes[:, part], gt_boxes[:, part]
+            # per-object maximum / minimum candidate IoU (for the P_neg min-max), over all blocks
+            iou_hi = pred_scores.new_full((B, g), -1.0)
+            iou_lo = pred_scores.new_full((B, g), 2.0)
 
-        # Pass 2: normalised positive weights, P_neg, and the hard assignment.
-        def pass2(blk: slice) -> tuple[Tensor, Tensor]:
-            inside, scores = inside_and_scores(blk)
-            weight = pos_weight[..., blk].div_(den)  # in place in the returned tensor
-            iou = ious[..., blk]
-            # P_neg = 1 for IoU < 0.5, outside the candidates and on objects without a span
-            # (all three as one comparison: iou * 0 < 0.5 for the last two), as a float 0/1
-            keep_one = iou.mul(inside).mul_(ok).lt_(NEG_IOU)
-            neg = neg_iou_f(iou.clone()).sub_(f_min).div_(span)
-            # neg * (1 - keep) + keep: exactly neg or 1 (faster than masked_fill on CPU)
-            neg = torch.addcmul(keep_one, neg, keep_one.neg().add_(1.0))
-            neg.mul_(scores).mul_(scores)  # [B, G, a]
-            index = labels[:, None, :].expand(B, neg.shape[-1], G)
-            neg_weight[:, blk].scatter_reduce_(2, index, neg.transpose(1, 2), reduce="amin",
-                                               include_self=True)
-            # the candidate object with the largest weight (ties: the lowest index); weights
-            # are 0 outside, so weight - outside is -1 there and >= 0 inside
-            best, idx = weight.sub(inside.neg_().add_(1.0)).max(dim=1)  # [B, a]
-            assigned = best > -1.0
-            return (torch.where(assigned, idx, -1),
-                    torch.where(assigned, iou.gather(1, idx[:, None]).squeeze(1), 0.0))
+            def inside_and_scores(blk: slice, part_boxes=part_boxes, all_scores=all_scores):
+                """Candidates as a float 0/1 mask and each object's class score, ``[B, g, a]``."""
+                inside = common.box_margin(priors[blk, :2], part_boxes).gt_(0.0)  # float: fast
+                return inside, all_scores[:, blk].transpose(1, 2).contiguous()
 
-        gt_index, quality = common.fill_by_prior_blocks(pass2, (
-            torch.empty((B, A), dtype=torch.long, device=dev),
-            torch.empty((B, A), dtype=dtype, device=dev)), rows=B * G)
+            # Pass 1, by blocks of priors: everything per pair, and the per-object reductions
+            # (the e^{3t} sum, the IoU range) that pass 2 needs.
+            def pass1(blk: slice, part_gt=part_gt, iou_hi=iou_hi, iou_lo=iou_lo,
+                      inside_and_scores=inside_and_scores) -> tuple[Tensor, ...]:
+                inside, scores = inside_and_scores(blk)
+                ious, giou = box_iou(part_gt, pred_boxes[:, blk], mode="iou_giou")  # [B, g, a]
+                # t = s * exp(-5 (1 - GIoU)), zeroed outside the candidates: their terms are 0
+                t = giou.sub_(1).mul_(5).exp_().mul_(scores).mul_(inside)
+                log_prior = centre_distance_sq(priors[blk], part_gt).mul_(log_prior_scale)
+                log_prior.clamp_(min=LOG_PRIOR_MIN)
+                # e^{3t} * t * prior and e^{5t} * t * prior, each as one exp(kt + log prior)
+                den_terms = t.mul(3).add_(log_prior).exp_().mul_(t)
+                numerator = log_prior.add_(t.mul(5)).exp_().mul_(t)
+                # candidate IoU range: -1 / 2 outside (exact: iou * 1 + 0, 0 + (-1))
+                outside = inside.neg().add_(1.0)
+                torch.maximum(iou_hi, torch.addcmul(outside.neg(), ious, inside).amax(-1),
+                              out=iou_hi)
+                torch.minimum(iou_lo, torch.addcmul(outside.mul_(2), ious, inside).amin(-1),
+                              out=iou_lo)
+                return inside.bool(), ious, den_terms, numerator
+
+            _, ious, den_terms, _ = common.fill_by_prior_blocks(pass1, (
+                candidates[:, part],
+                self._workspace.get("ious", (B, g, A), dtype, dev, capacity),
+                self._workspace.get("den_terms", (B, g, A), dtype, dev, capacity),
+                pos_weight[:, part]), rows=B * g)
+            den = den_terms.sum(dim=-1, keepdim=True).clamp_(min=SUM_EPS)  # [B, g, 1]
+            # P_neg min-max: f decreases with IoU (rounding keeps the order), so f_min / f_max
+            # over the candidates are f of the largest / smallest candidate IoU
+            f_min = neg_iou_f(iou_hi[..., None])
+            f_hi = neg_iou_f(iou_lo[..., None]).clamp_(max=1.0)
+            span = f_hi - f_min
+            ok = span > 0  # else (one candidate, equal IoUs) P_neg = 1 on the whole object
+            span = torch.where(ok, span, torch.ones_like(span))
+            part_labels = labels[:, part]
+
+            # Pass 2: normalised positive weights, P_neg, and the chunk's best object.
+            def pass2(blk: slice, part=part, ious=ious, den=den, f_min=f_min, span=span, ok=ok,
+                      part_labels=part_labels, inside_and_scores=inside_and_scores):
+                inside, scores = inside_and_scores(blk)
+                weight = pos_weight[:, part, blk].div_(den)  # in place in the returned tensor
+                iou = ious[..., blk]
+                # P_neg = 1 for IoU < 0.5, outside the candidates and on objects without a
+                # span (all three as one comparison: iou * 0 < 0.5 for the last two), as a
+                # float 0/1
+                keep_one = iou.mul(inside).mul_(ok).lt_(NEG_IOU)
+                neg = neg_iou_f(iou.clone()).sub_(f_min).div_(span)
+                # neg * (1 - keep) + keep: exactly neg or 1 (faster than masked_fill on CPU)
+                neg = torch.addcmul(keep_one, neg, keep_one.neg().add_(1.0))
+                neg.mul_(scores).mul_(scores)  # [B, g, a]
+                index = part_labels[:, None, :].expand(B, neg.shape[-1], neg.shape[1])
+                neg_weight[:, blk].scatter_reduce_(2, index, neg.transpose(1, 2), reduce="amin",
+                                                   include_self=True)
+                # the candidate object with the largest weight (ties: the lowest index);
+                # weights are 0 outside, so weight - outside is -1 there and >= 0 inside
+                top, idx = weight.sub(inside.neg_().add_(1.0)).max(dim=1)  # [B, a]
+                return top, idx, iou.gather(1, idx[:, None]).squeeze(1)
+
+            top, idx, top_iou = common.fill_by_prior_blocks(pass2, (
+                torch.empty((B, A), dtype=dtype, device=dev),
+                torch.empty((B, A), dtype=torch.long, device=dev),
+                torch.empty((B, A), dtype=dtype, device=dev)), rows=B * g)
+            quality = torch.where(best.update(top, idx, part.start), top_iou, quality)
+            if self.ensure_each_gt:
+                summaries.append(common.matched_summary(candidates[:, part],
+                                                        pos_weight[:, part].neg()))
+        gt_index = best.index
         if self.ensure_each_gt:
-            gt_index = apply_ensure_each_gt(gt_index, candidates, -pos_weight)
-            quality = self._assigned_iou(gt_index, pred_boxes, gt_boxes)
+            any_cand, best_prior, best_cost = (torch.cat(t, dim=1) for t in zip(*summaries))
+            gt_index = common.rescue_matched(gt_index, any_cand, best_prior, best_cost)
+            quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
         pos = gt_index >= 0
         labels_out = torch.where(pos, gt_labels.gather(1, gt_index.clamp(min=0)), -1)
         return Assignment(gt_index=gt_index, labels=labels_out,
                           quality=torch.where(pos, quality, 0.0), pos_weight=pos_weight,
                           neg_weight=neg_weight, candidate_mask=candidates)
-
-    @staticmethod
-    def _assigned_iou(gt_index: Tensor, pred_boxes: Tensor, gt_boxes: Tensor) -> Tensor:
-        B, A = gt_index.shape
-        box = gt_boxes.gather(1, gt_index.clamp(min=0)[..., None].expand(B, A, 4))
-        return box_iou(pred_boxes, box, aligned=True)

@@ -19,7 +19,6 @@ assigned object, 0 for background.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Sequence
 
 import torch
@@ -27,81 +26,14 @@ from torch import Tensor
 
 from densedet.assign import common
 from densedet.assign.base import Assigner, Assignment
-from densedet.boxes import box_area, box_iou
+from densedet.boxes import box_area
 
 INF = float("inf")
 DEFAULT_REGRESS_RANGES = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, INF))
 
-
-#: elements of one ``[B, g, A]`` slice: the batched assigners walk the objects in slices of
-#: about this many pairs, so their element-wise temporaries stay a few MB (large fresh
-#: tensors cost page faults on CPU; measured fastest around 1M) and memory stays bounded.
-#: The number of slices depends on shapes only, never on data.
-CHUNK_ELEMENTS = 1 << 20
-
-
-def object_slices(B: int, G: int, A: int) -> list[slice]:
-    """Slices of the object axis with about :data:`CHUNK_ELEMENTS` pairs each."""
-    step = max(1, CHUNK_ELEMENTS // max(1, B * A))
-    return [slice(s, min(s + step, G)) for s in range(0, G, step)]
-
-
-def prior_levels(priors: Tensor) -> Tensor:
-    """Pyramid level of each prior: the rank of its stride among the distinct strides present.
-
-    Computed with a sort and a cumulative count of "stride changed" marks, so it needs no
-    ``unique`` (data-dependent shape) and no host sync.
-
-    Args:
-        priors: ``[A, 4]`` (cx, cy, stride_w, stride_h); the level key is ``stride_w``.
-    Returns:
-        ``[A]`` int64, 0 = smallest stride.
-    """
-    stride = priors[:, 2]
-    if stride.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=priors.device)
-    sorted_s, order = stride.sort(stable=True)
-    new_level = torch.ones_like(sorted_s, dtype=torch.long)
-    new_level[0] = 0
-    new_level[1:] = (sorted_s[1:] != sorted_s[:-1]).long()
-    rank_sorted = new_level.cumsum(0)
-    return torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
-
-
-class LevelLayout:
-    """Host-side ``(start, size)`` of each level, cached per priors tensor.
-
-    ATSS takes a fixed number of candidates *per level*, which needs the level boundaries as
-    Python ints. Reading them costs one host sync; the result is cached on the identity of the
-    priors tensor (and its in-place version counter), so a model that reuses its priors tensor
-    pays that sync once, not every step.
-    """
-
-    def __init__(self):
-        self._key = None
-        self._segments: list[tuple[int, int]] = []
-
-    def segments(self, priors: Tensor) -> list[tuple[int, int]]:
-        """``[(start, size), ...]`` per level; levels must be contiguous (docs/design.md order)."""
-        key = self._key
-        if key is not None and key[0]() is priors and key[1] == priors._version \
-                and key[2] == tuple(priors.shape):
-            return self._segments
-        levels = prior_levels(priors).cpu()  # the one host sync, cached below
-        segments = []
-        if levels.numel():
-            counts = torch.bincount(levels).tolist()
-            start = 0
-            for n in counts:
-                segments.append((start, n))
-                start += n
-            expected = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-            if not torch.equal(expected, levels):
-                raise ValueError("priors must be ordered by ascending stride, one contiguous "
-                                 "block per level (see docs/design.md)")
-        self._segments = segments
-        self._key = (weakref.ref(priors), priors._version, tuple(priors.shape))
-        return segments
+# re-exported: their former home (they are shared with other methods)
+prior_levels = common.prior_levels
+LevelLayout = common.LevelLayout
 
 
 def level_regress_ranges(priors: Tensor, table: Tensor) -> Tensor:
@@ -117,7 +49,7 @@ def side_distances(points: Tensor, gt_boxes: Tensor) -> tuple[Tensor, Tensor, Te
     Kept as four separate tensors instead of one ``[B, G, A, 4]`` stack: the min/max over
     sides are then element-wise ops and no 4x-sized intermediate is built.
     """
-    px, py = points[:, 0], points[:, 1]
+    px, py = common.contiguous_columns(points)  # contiguous rows: vectorised broadcasts
     x1, y1, x2, y2 = (gt_boxes[..., i, None] for i in range(4))  # [B, G, 1]
     return px - x1, py - y1, x2 - px, y2 - py
 
@@ -132,26 +64,19 @@ def centerness_of(left: Tensor, top: Tensor, right: Tensor, bottom: Tensor) -> T
     return torch.where(ok, ratio.clamp(min=0).sqrt(), torch.zeros_like(ratio))
 
 
-def apply_ensure_each_gt(gt_index: Tensor, matched: Tensor, cost: Tensor) -> Tensor:
-    """Optional rescue of objects that lost every matched prior in conflict resolution."""
-    if matched.shape[1] == 0:
-        return gt_index
-    return common.ensure_each_gt(gt_index, matched, cost)
+def centerness_target(points: Tensor, boxes: Tensor) -> Tensor:
+    """FCOS centerness of each point in its box (the target the FCOS head learns), 0 where the
+    point is not strictly inside the box.
 
-
-def assigned_iou(pred_boxes: Tensor, gt_boxes: Tensor, gt_index: Tensor) -> Tensor:
-    """IoU of each prior's prediction with its assigned object, ``[B, 1, A]`` expanded to
-    ``[B, G, A]`` without copying so that :func:`common.build_assignment` can gather from it.
-
-    The geometric methods never need the full ``[B, G, A]`` prediction IoU, only this.
+    Args:
+        points: ``[A, 2]`` prior centres.
+        boxes: ``[..., A, 4]`` xyxy, one box per point (e.g. the assigned boxes ``[B, A, 4]``).
+    Returns:
+        ``[..., A]`` in [0, 1].
     """
-    B, A = gt_index.shape
-    G = gt_boxes.shape[1]
-    if G == 0:
-        return pred_boxes.new_zeros((B, 0, A))
-    box = gt_boxes.gather(1, gt_index.clamp(min=0)[..., None].expand(B, A, 4))  # [B, A, 4]
-    iou = box_iou(pred_boxes, box, aligned=True)  # [B, A]
-    return iou[:, None, :].expand(B, G, A)
+    px, py = points[:, 0], points[:, 1]
+    return centerness_of(px - boxes[..., 0], py - boxes[..., 1], boxes[..., 2] - px,
+                         boxes[..., 3] - py)
 
 
 class FCOSAssigner(Assigner):
@@ -196,37 +121,53 @@ class FCOSAssigner(Assigner):
         dev = priors.device
         points = priors[:, :2]
         ranges = level_regress_ranges(priors, self._range_table(priors))  # [A, 2]
+        lo, hi = common.contiguous_columns(ranges)  # [A] each, contiguous (broadcast operands)
         radii = self.center_radius * priors[:, 2]
         areas = box_area(gt_boxes)  # [B, G]
-        # running winner per prior over the object slices: the smallest area; a later slice
+        matched = torch.empty((B, G, A), dtype=torch.bool, device=dev)  # returned
+        # each prior's winner over the chunks of objects: the smallest area; a later chunk
         # must be strictly smaller, so equal areas keep the lowest object index
-        best_area = torch.full((B, A), INF, device=dev)
-        gt_index = torch.full((B, A), -1, dtype=torch.long, device=dev)
-        matched = torch.empty((B, G, A), dtype=torch.bool, device=dev)  # every slice fills it
-        for part in object_slices(B, G, A):
-            boxes = gt_boxes[:, part]
-            left, top, right, bottom = side_distances(points, boxes)  # [B, g, A] each
-            if self.center_sampling:
-                inside = common.points_in_centre_region(points, radii, boxes, clip_to_box=True)
-            else:
-                inside = torch.minimum(torch.minimum(left, top), torch.minimum(right, bottom)) > 0
-            max_side = torch.maximum(torch.maximum(left, top), torch.maximum(right, bottom))
-            ok = (max_side >= ranges[:, 0]).logical_and_(max_side <= ranges[:, 1])
-            ok &= inside
-            ok &= gt_valid[:, part, None]
-            area = areas[:, part, None].expand(ok.shape).masked_fill(~ok, INF)
-            part_area, part_idx = area.min(dim=1)  # [B, A]; ties -> first
-            better = part_area < best_area
-            best_area = torch.where(better, part_area, best_area)
-            gt_index = torch.where(better, part_idx + part.start, gt_index)
-            matched[:, part] = ok
+        best = common.RunningArgBest((B, A), largest=False, init=INF, dtype=areas.dtype,
+                                     device=dev)
+        summaries = []  # per chunk, for ensure_each_gt
+        for part in common.object_chunks(B, G, A):
+            g = part.stop - part.start
+
+            def block(blk: slice, part=part) -> tuple[Tensor, Tensor, Tensor]:
+                """Matches of the objects ``part`` with the priors ``blk`` (``[B, g, a]``) and
+                each prior's smallest matched area among them (ties: the first), ``[B, a]``."""
+                boxes = gt_boxes[:, part]
+                left, top, right, bottom = side_distances(points[blk], boxes)  # [B, g, a]
+                if self.center_sampling:
+                    inside = common.points_in_centre_region(points[blk], radii[blk], boxes,
+                                                            clip_to_box=True)
+                else:
+                    inside = torch.minimum(torch.minimum(left, top),
+                                           torch.minimum(right, bottom)) > 0
+                max_side = torch.maximum(torch.maximum(left, top), torch.maximum(right, bottom))
+                ok = (max_side >= lo[blk]).logical_and_(max_side <= hi[blk])
+                ok &= inside
+                ok &= gt_valid[:, part, None]
+                area = areas[:, part, None].expand(ok.shape).masked_fill(~ok, INF)
+                low, low_idx = area.min(dim=1)  # [B, a]; ties -> first
+                return ok, low, low_idx
+
+            _, low, low_idx = common.fill_by_prior_blocks(block, (
+                matched[:, part], torch.empty((B, A), dtype=areas.dtype, device=dev),
+                torch.empty((B, A), dtype=torch.long, device=dev)), rows=B * g)
+            best.update(low, low_idx, part.start)
+            if self.ensure_each_gt:  # per object: its matched prior of smallest "cost" (area)
+                summaries.append(common.matched_summary(matched[:, part],
+                                                        areas[:, part, None]))
+        gt_index = best.index
         if self.ensure_each_gt:
-            gt_index = apply_ensure_each_gt(gt_index, matched, areas[..., None].expand(B, G, A))
+            any_matched, best_prior, best_cost = (torch.cat(t, dim=1) for t in zip(*summaries))
+            gt_index = common.rescue_matched(gt_index, any_matched, best_prior, best_cost)
 
         centerness = self._centerness(gt_index, points, gt_boxes)
-        ious = assigned_iou(pred_boxes, gt_boxes, gt_index)
-        return common.build_assignment(gt_index, gt_labels, ious, centerness=centerness,
-                                       candidate_mask=matched)
+        quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
+        return common.build_assignment(gt_index, gt_labels, quality=quality,
+                                       centerness=centerness, candidate_mask=matched)
 
     @staticmethod
     def _centerness(gt_index: Tensor, points: Tensor, gt_boxes: Tensor) -> Tensor:
@@ -235,6 +176,5 @@ class FCOSAssigner(Assigner):
         if gt_boxes.shape[1] == 0:
             return torch.zeros((B, A), dtype=gt_boxes.dtype, device=gt_index.device)
         box = gt_boxes.gather(1, gt_index.clamp(min=0)[..., None].expand(B, A, 4))  # [B, A, 4]
-        px, py = points[:, 0], points[:, 1]
-        c = centerness_of(px - box[..., 0], py - box[..., 1], box[..., 2] - px, box[..., 3] - py)
+        c = centerness_target(points, box)
         return torch.where(gt_index >= 0, c, torch.zeros_like(c))

@@ -63,21 +63,25 @@ class LLAAssigner(Assigner):
         # choosing or winning anything
         penalty = common.row_inf(gt_valid, OUTSIDE_PENALTY)  # [B, G, 1]
 
-        def pairs(blk: slice) -> tuple[Tensor, Tensor, Tensor]:
-            """Penalty-free mask, cost and IoU of the priors ``blk`` with every object."""
-            margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a]
+        def pairs(part: slice, blk: slice) -> tuple[Tensor, Tensor]:
+            """Penalty-free mask and cost of the objects ``part`` with the priors ``blk``."""
+            margin = common.box_margin(priors[blk, :2], boxes[:, part])  # [B, g, a]
             in_box = margin > IN_BOX_MARGIN
-            ious = common.pairwise_iou(pred_boxes[:, blk], gt_boxes)  # [B, G, a]
-            cost = common.split_class_cost(pred_scores[:, blk], gt_labels, 1.0, common.focal_cost,
-                                           bg=bg[:, blk])
-            cost.sub_(ious.add(1e-7).log_(), alpha=self.reg_weight)
+            ious = common.pairwise_iou(pred_boxes[:, blk], gt_boxes[:, part])  # [B, g, a]
+            cost = common.split_class_cost(pred_scores[:, blk], gt_labels[:, part], 1.0,
+                                           common.focal_cost, bg=bg[:, blk])
+            cost.sub_(ious.add_(1e-7).log_(), alpha=self.reg_weight)
             # + penalty * [not inside by the margin], as a float 0/1 mask (fast on CPU)
-            cost.add_(margin.le_(IN_BOX_MARGIN).mul_(penalty))
-            return in_box, cost, ious
+            cost.add_(margin.le_(IN_BOX_MARGIN).mul_(penalty[:, part]))
+            return in_box, cost
 
-        # every pair depends on its own prior only: computed a block of priors at a time
-        in_box, cost, ious = common.fill_pairs(pairs, self._workspace, (B, G, A),
-                                             pred_scores.dtype, pred_scores.device)
-        sel = common.select_cheapest(cost, self.topk)
-        gt_index = common.resolve(sel, cost, gt_valid, self.ensure_each_gt)
-        return common.build_assignment(gt_index, gt_labels, ious, candidate_mask=in_box)
+        # every pair depends on its own prior only: computed a block of priors at a time, a
+        # chunk of objects at a time (huge scenes); the IoU of a positive is recomputed at
+        # the end, so no [B, G, A] IoU is kept
+        gt_index, in_box = common.cost_chunks(
+            pairs, lambda cost: common.select_cheapest(cost, self.topk),
+            common.object_chunks(B, G, A), self._workspace, (B, G, A), gt_valid,
+            self.ensure_each_gt, pred_scores.dtype, pred_scores.device, extras=())
+        quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
+        return common.build_assignment(gt_index, gt_labels, quality=quality,
+                                       candidate_mask=in_box)

@@ -78,27 +78,40 @@ class SimOTAAssigner(Assigner):
         # the penalty per pair outside "box AND square": 1e5, or inf on padding rows, which
         # keeps them from choosing or winning anything
         penalty = torch.where(gt_valid, 1e6 if self.center_only else 1e5, common.INF)[..., None]
+        chunks = common.object_chunks(B, G, A)
+        union = None  # the image's candidates (union of the objects' regions), [B, A]
+        if len(chunks) > 1:  # needed by every chunk: first, over all chunks
+            union = common.prior_any(
+                lambda part, blk: self.geometry_gaps(priors[blk], gt_boxes[:, part],
+                                                     gt_valid[:, part])[0].amin(dim=1) < 0,
+                chunks, B, A, pred_scores.device)
 
-        def pairs(blk: slice) -> tuple[Tensor, Tensor, Tensor]:
-            """Region, cost and IoU of the priors ``blk`` with every object, ``[B, G, a]``."""
-            region_gap, penalty_gap = self.geometry_gaps(priors[blk], gt_boxes, gt_valid)
-            # the image's candidates (union of the objects' regions): cost inf elsewhere
-            candidate = region_gap.amin(dim=1) < 0  # [B, a]
-            ious = common.pairwise_iou(pred_boxes[:, blk], gt_boxes)  # [B, G, a]
+        def pairs(part: slice, blk: slice) -> tuple[Tensor, Tensor, Tensor]:
+            """Region, cost and IoU of the objects ``part`` with the priors ``blk``,
+            ``[B, g, a]``."""
+            boxes = gt_boxes[:, part]
+            region_gap, penalty_gap = self.geometry_gaps(priors[blk], boxes, gt_valid[:, part])
+            # the image's candidates: cost inf elsewhere
+            candidate = region_gap.amin(dim=1) < 0 if union is None else union[:, blk]  # [B, a]
+            ious = common.pairwise_iou(pred_boxes[:, blk], boxes)  # [B, g, a]
             bg_or_inf = bg[:, blk].masked_fill(~candidate, common.INF)
-            cost = common.split_class_cost(pred_scores[:, blk], gt_labels, 1.0, common.bce_cost,
-                                           common.bce_onehot_correction, bg=bg_or_inf)
+            cost = common.split_class_cost(pred_scores[:, blk], gt_labels[:, part], 1.0,
+                                           common.bce_cost, common.bce_onehot_correction,
+                                           bg=bg_or_inf)
             cost.sub_(ious.add(1e-8).log_(), alpha=self.iou_weight)
             # + penalty * [not (box AND square)], as a float 0/1 mask (fast on CPU)
-            cost.add_(penalty_gap.ge_(0.0).mul_(penalty))
+            cost.add_(penalty_gap.ge_(0.0).mul_(penalty[:, part]))
             # only candidate IoUs count for dynamic k (and the quality of a positive is the IoU
             # of a candidate pair)
             ious.mul_(candidate[:, None, :])
             return region_gap.lt_(0.0).bool(), cost, ious
 
-        # every pair depends on its own prior only: computed a block of priors at a time
-        region, cost, ious = common.fill_pairs(pairs, self._workspace, (B, G, A),
-                                             pred_scores.dtype, pred_scores.device)
-        sel = common.select_dynamic_k(cost, ious, self.candidate_topk)
-        gt_index = common.resolve(sel, cost, gt_valid, self.ensure_each_gt)
-        return common.build_assignment(gt_index, gt_labels, ious, candidate_mask=region)
+        # every pair depends on its own prior only: computed a block of priors at a time, a
+        # chunk of objects at a time (huge scenes)
+        gt_index, region = common.cost_chunks(
+            pairs, lambda cost, ious: common.select_dynamic_k(cost, ious, self.candidate_topk),
+            chunks, self._workspace, (B, G, A), gt_valid, self.ensure_each_gt,
+            pred_scores.dtype, pred_scores.device)
+        quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
+        return common.build_assignment(gt_index, gt_labels, quality=quality,
+                                       candidate_mask=region)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from densedet.assign import common
 from densedet.assign.base import Assigner, Assignment
-from densedet.assign.fcos import apply_ensure_each_gt
+from densedet.assign.common import class_scores_bag  # noqa: F401  (its former home)
 from densedet.boxes import box_iou
 
 INSIDE_EPS = 1e-9
@@ -62,18 +62,6 @@ def topk_threshold(metric: Tensor, k: int) -> Tensor:
     return torch.maximum(kth, tiny)
 
 
-def class_scores_bag(pred_scores: Tensor, gt_labels: Tensor) -> Tensor:
-    """Each prior's score on each object's class, ``[B, A, C]``, ``[B, G]`` -> ``[B, A, G]``.
-
-    Gathers along the class axis, reading each prior's row of C scores once for all objects;
-    gathering along A per object (slice) instead streams the whole ``[B, A, C]`` score tensor
-    through the cache once per slice. Slice it as ``[:, :, part].transpose(1, 2)``.
-    """
-    B, A, C = pred_scores.shape
-    idx = gt_labels.clamp(0, C - 1)[:, None, :].expand(B, A, gt_labels.shape[1])
-    return pred_scores.gather(2, idx)
-
-
 class TALAssigner(Assigner):
     """Task-aligned assigner; see the module docstring for the exact rule."""
 
@@ -102,71 +90,78 @@ class TALAssigner(Assigner):
                                 torch.zeros((B, 0, A), dtype=torch.bool, device=dev))
         # padding rows contain nothing, so their metric is 0 and they never choose a prior
         boxes = common.mask_padding_boxes(gt_boxes, gt_valid)
-        all_scores = class_scores_bag(pred_scores, gt_labels)  # [B, A, G], one pass over scores
+        candidates = torch.empty((B, G, A), dtype=torch.bool, device=dev)  # returned
+        chunks = common.object_chunks(B, G, A)
+        capacity = B * (chunks[0].stop - chunks[0].start) * A
+        # each prior's winner so far: the highest IoU among the objects that chose it, over
+        # the chunks of objects (ties: the lowest index), and its metric
+        best = common.RunningArgBest((B, A), largest=True, init=-1.0, dtype=dtype, device=dev)
+        own_metric = torch.zeros((B, A), dtype=dtype, device=dev)
+        summaries = []  # per chunk, for ensure_each_gt
+        for part in chunks:
+            g = part.stop - part.start
+            # scores on the objects' classes, [B, A, g]: one pass over the scores per chunk
+            all_scores = common.class_scores_bag(pred_scores, gt_labels[:, part])
 
-        # Pass 1, by blocks of priors (see common.fill_by_prior_blocks): candidates, IoU and
-        # the alignment metric, 0 outside the candidates.
-        def pass1(blk: slice) -> tuple[Tensor, Tensor, Tensor]:
-            margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a]
-            inside = margin > INSIDE_EPS
-            ious = box_iou(gt_boxes, pred_boxes[:, blk])  # [B, G, a]
-            # one transposed copy: a strided operand makes the elementwise kernels scalar
-            scores = all_scores[:, blk].transpose(1, 2).contiguous()  # [B, G, a]
-            metric = int_pow(scores, self.alpha) * int_pow(ious, self.beta)
-            metric.mul_(margin.gt_(INSIDE_EPS))  # * float 0/1: exact, faster than masked_fill
-            return inside, ious, metric
+            # Pass 1, by blocks of priors (see common.fill_by_prior_blocks): candidates, IoU
+            # and the alignment metric, 0 outside the candidates.
+            def pass1(blk: slice, part=part, all_scores=all_scores) -> tuple[Tensor, ...]:
+                margin = common.box_margin(priors[blk, :2], boxes[:, part])  # [B, g, a]
+                inside = margin > INSIDE_EPS
+                ious = box_iou(gt_boxes[:, part], pred_boxes[:, blk])  # [B, g, a]
+                # one transposed copy: a strided operand makes the elementwise kernels scalar
+                scores = all_scores[:, blk].transpose(1, 2).contiguous()  # [B, g, a]
+                metric = int_pow(scores, self.alpha) * int_pow(ious, self.beta)
+                metric.mul_(margin.gt_(INSIDE_EPS))  # * float 0/1: exact, faster than masked_fill
+                return inside, ious, metric
 
-        candidates, ious, metric = common.fill_by_prior_blocks(pass1, (
-            torch.empty((B, G, A), dtype=torch.bool, device=dev),  # returned: a fresh tensor
-            self._workspace.get("ious", (B, G, A), dtype, dev),
-            self._workspace.get("metric", (B, G, A), dtype, dev)), rows=B * G)
-        # chosen = metric >= (the object's topk-th largest) and metric > 0, i.e. one test
-        # against max(kth, the smallest positive float)
-        kth = topk_threshold(metric, self.topk)  # [B, G, 1]
+            _, ious, metric = common.fill_by_prior_blocks(pass1, (
+                candidates[:, part],
+                self._workspace.get("ious", (B, g, A), dtype, dev, capacity),
+                self._workspace.get("metric", (B, g, A), dtype, dev, capacity)), rows=B * g)
+            del all_scores
+            # chosen = metric >= (the object's topk-th largest) and metric > 0, i.e. one test
+            # against max(kth, the smallest positive float)
+            kth = topk_threshold(metric, self.topk)  # [B, g, 1]
 
-        # Pass 2: among the objects that chose a prior, the highest IoU wins (ties: lowest index)
-        def pass2(blk: slice) -> tuple[Tensor, ...]:
-            metric_blk, iou = metric[..., blk], ious[..., blk]
-            chosen = metric_blk.clone().ge_(kth)  # float 0/1 (a bool result is slower on CPU)
-            # IoU where chosen, -1 elsewhere (exact: iou * 1 + 0 and iou * 0 + (-1))
-            best, idx = torch.addcmul(chosen - 1, iou, chosen).max(dim=1)  # [B, a]
-            assigned = best > -1.0
-            out = (torch.where(assigned, idx, -1), torch.where(assigned, best, -1.0),
-                   torch.where(assigned, metric_blk.gather(1, idx[:, None]).squeeze(1), 0.0))
-            if self.ensure_each_gt:
-                out += (chosen.bool(), iou.neg())
-            return out
+            # Pass 2: among the objects that chose a prior, the highest IoU wins (ties: the
+            # lowest index)
+            def pass2(blk: slice, metric=metric, ious=ious, kth=kth) -> tuple[Tensor, ...]:
+                metric_blk, iou = metric[..., blk], ious[..., blk]
+                chosen = metric_blk.clone().ge_(kth)  # float 0/1 (a bool result is slower)
+                # IoU where chosen, -1 elsewhere (exact: iou * 1 + 0 and iou * 0 + (-1))
+                top, idx = torch.addcmul(chosen - 1, iou, chosen).max(dim=1)  # [B, a]
+                return top, idx, metric_blk.gather(1, idx[:, None]).squeeze(1)
 
-        outs = [torch.empty((B, A), dtype=torch.long, device=dev),
+            top, idx, top_metric = common.fill_by_prior_blocks(pass2, (
                 torch.empty((B, A), dtype=dtype, device=dev),
-                torch.empty((B, A), dtype=dtype, device=dev)]
+                torch.empty((B, A), dtype=torch.long, device=dev),
+                torch.empty((B, A), dtype=dtype, device=dev)), rows=B * g)
+            better = best.update(top, idx, part.start)
+            own_metric = torch.where(better, top_metric, own_metric)
+            if self.ensure_each_gt:  # the object's chosen prior of highest IoU, per object
+                summaries.append(common.matched_summary(metric >= kth, ious.neg()))
+        gt_index = best.index
         if self.ensure_each_gt:
-            outs += [torch.empty((B, G, A), dtype=torch.bool, device=dev),
-                     torch.empty((B, G, A), dtype=dtype, device=dev)]
-        gt_index, best_iou, own_metric, *extra = common.fill_by_prior_blocks(pass2, tuple(outs),
-                                                                            rows=B * G)
-        if self.ensure_each_gt:
-            chosen_all, cost_all = extra
-            gt_index = apply_ensure_each_gt(gt_index, chosen_all, cost_all)
+            any_chosen, best_prior, best_cost = (torch.cat(t, dim=1) for t in zip(*summaries))
+            gt_index = common.rescue_matched(gt_index, any_chosen, best_prior, best_cost)
             best_iou, own_metric = self._recompute_owned(gt_index, priors, pred_scores,
                                                          pred_boxes, gt_boxes, gt_labels)
-        pos = gt_index >= 0
-        quality = torch.where(pos, best_iou, 0.0)
+            quality = torch.where(gt_index >= 0, best_iou, 0.0)
+        else:
+            quality = torch.where(gt_index >= 0, best.value, 0.0)
         align_target = self._align_target(gt_index, own_metric, quality, G)
         return self._result(gt_index, gt_labels, quality, align_target, candidates)
 
     def _recompute_owned(self, gt_index: Tensor, priors: Tensor, pred_scores: Tensor,
                          pred_boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor):
-        """IoU and metric of each prior with its (possibly rescued) object, ``[B, A]`` each."""
-        B, A = gt_index.shape
-        idx = gt_index.clamp(min=0)
-        box = gt_boxes.gather(1, idx[..., None].expand(B, A, 4))
-        iou = box_iou(pred_boxes, box, aligned=True)
-        label = gt_labels.gather(1, idx).clamp(0, pred_scores.shape[-1] - 1)
+        """IoU and metric of each prior with its (possibly rescued) object, ``[B, A]`` each
+        (0 for background)."""
+        iou = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
+        label = gt_labels.gather(1, gt_index.clamp(min=0)).clamp(0, pred_scores.shape[-1] - 1)
         score = pred_scores.gather(2, label[..., None]).squeeze(-1)
         metric = int_pow(score, self.alpha) * int_pow(iou, self.beta)
-        pos = gt_index >= 0
-        return torch.where(pos, iou, -1.0), torch.where(pos, metric, 0.0)
+        return iou, torch.where(gt_index >= 0, metric, 0.0)
 
     @staticmethod
     def _align_target(gt_index: Tensor, own_metric: Tensor, own_iou: Tensor, G: int) -> Tensor:

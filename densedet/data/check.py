@@ -1,48 +1,51 @@
 """``densedet check``: decode every image, validate every annotation, summarise the dataset.
 
-``check_dataset(index)`` is the part training reuses at start-up: it decodes each image with
-Pillow (a full ``load()``, which catches truncated files that a header read would not),
-compares the decoded size with the annotated one, and re-validates every box. Problems the
-reader found (``read_dataset(strict=False)``) are listed together with these.
+``check_dataset(index)`` is the part training reuses at start-up: it decodes each image fully
+with :func:`densedet.data.image.read_image`, the decoder training, evaluation and predict use
+(so it also catches truncated JPEGs, which a header read would not), compares the decoded
+size with the annotated one, and re-validates every box. Problems the reader found
+(``read_dataset(strict=False)``) are listed together with these.
+
+EXIF orientation is ignored, as everywhere in densedet (see :mod:`densedet.data.image`): an
+EXIF-tagged image whose annotated size is its stored size is fine; one annotated with the
+rotated size was labelled in a viewer that rotated it, and is reported.
 """
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from densedet.data.readers import DatasetIndex, Problem, Reporter, read_dataset, validate_box
+from densedet.data.image import EXIF_TRANSPOSED, ImageError, exif_orientation, read_image
+from densedet.data.index import DatasetIndex, Problem, Reporter, validate_box
 from densedet.data.sample import Sample
 
 # COCO's size buckets (sqrt(area) < 32 small, < 96 medium).
 SMALL, MEDIUM = 32.0, 96.0
-# EXIF orientations 5-8 swap width and height in loaders that honour EXIF (cv2.imread does).
-_EXIF_TRANSPOSED = {5, 6, 7, 8}
 
 
 def decode_problems(sample: Sample) -> list[Problem]:
-    """Decode the image fully; report undecodable files and a size that differs from the
-    annotation (or that EXIF rotation would change)."""
+    """Decode the image fully; report undecodable or truncated files and a decoded size that
+    differs from the annotation (with a hint when the annotation has the EXIF-rotated size)."""
     try:
-        with Image.open(sample.path) as im:
-            im.load()
-            size = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except FileNotFoundError:
-        return [Problem(sample.path, "", f"image not found (annotated in {sample.source})")]
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return [Problem(sample.path, "", f"cannot decode image ({e})")]
-    problems = []
-    if size != (sample.width, sample.height):
-        problems.append(Problem(sample.path, "", f"decoded size {size[0]}x{size[1]} differs from the "
-                                f"annotated {sample.width}x{sample.height} in {sample.source}"))
-    elif orientation in _EXIF_TRANSPOSED and size[0] != size[1]:
-        problems.append(Problem(sample.path, "", f"EXIF orientation {orientation} rotates the image to "
-                                f"{size[1]}x{size[0]}; loaders honouring EXIF disagree with the annotation"))
-    return problems
+        h, w = read_image(sample.path).shape[:2]
+    except ImageError as e:
+        if e.missing:
+            return [Problem(sample.path, "", f"image not found (annotated in {sample.source})")]
+        return [Problem(sample.path, "", e.reason)]
+    if (w, h) == (sample.width, sample.height):
+        return []
+    message = (f"decoded size {w}x{h} differs from the annotated {sample.width}x{sample.height} "
+               f"in {sample.source}")
+    orientation = exif_orientation(sample.path) if (h, w) == (sample.width, sample.height) else 1
+    if orientation in EXIF_TRANSPOSED:
+        # the annotation tool showed the photo rotated; densedet reads the stored grid
+        message += (f"; the annotation has the size after EXIF orientation {orientation}, so it was "
+                    "probably drawn on the rotated view, while densedet ignores EXIF orientation "
+                    "(annotations refer to the stored pixels): rotate the stored pixels to match "
+                    "(e.g. PIL ImageOps.exif_transpose, or exiftran -ai)")
+    return [Problem(sample.path, "", message)]
 
 
 def box_problems(sample: Sample, num_classes: int) -> list[Problem]:
@@ -59,7 +62,7 @@ def box_problems(sample: Sample, num_classes: int) -> list[Problem]:
 def check_dataset(index: DatasetIndex, decode_images: bool = True, workers: int = 2) -> list[Problem]:
     """All problems of an already-read dataset: boxes, labels and (optionally) image decoding.
 
-    Decoding runs on ``workers`` threads: Pillow releases the GIL while decoding.
+    Decoding runs on ``workers`` threads: OpenCV releases the GIL while decoding.
     """
     problems = []
     for s in index.samples:
@@ -119,29 +122,3 @@ def format_problems(problems: list[Problem]) -> str:
         for p in per_file[f]:
             lines.append(f"  {p.where + ': ' if p.where else ''}{p.message}")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", metavar="DATA", help="VOC root, COCO .json, or YOLO .yaml/dir")
-    parser.add_argument("--format", choices=("voc", "coco", "yolo"), default=None, help="dataset format (default: detect)")
-    parser.add_argument("--classes", default=None, help="comma-separated class names (VOC: required unless classes.txt)")
-    parser.add_argument("--split", default=None, help="VOC ImageSets/Main list or YOLO yaml key (default: all)")
-    parser.add_argument("--skip-unknown", action="store_true", help="skip (and count) objects of unknown classes")
-    parser.add_argument("--images", default=None, help="COCO only: image directory (default: found next to the json)")
-    parser.add_argument("--no-decode", action="store_true", help="do not decode images (annotations only)")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
-
-
-def run(args: argparse.Namespace) -> int:
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    index = read_dataset(args.data, args.format, classes, args.split, args.skip_unknown, strict=False,
-                         image_root=args.images)
-    problems = index.problems + check_dataset(index, not args.no_decode, args.workers)
-    print(summarize(index))
-    if problems:
-        n_files = len({p.file for p in problems})
-        print(f"\n{len(problems)} problems in {n_files} files:")
-        print(format_problems(problems))
-        return 1
-    print("no problems found")
-    return 0

@@ -7,6 +7,12 @@ unknown category ids are problems naming the file and the id.
 Images are looked up relative to ``image_root`` when given, else (first match wins) the json's
 directory, its parent, and ``<parent>/<split>`` / ``<parent>/images/<split>`` where ``split``
 is the json stem after its last ``_`` (``instances_val2017.json`` -> ``val2017``).
+
+Scoring detections needs no image (:func:`read_coco_ground_truth`, used by ``densedet eval
+--ann JSON --detections D.json``): a COCO json carries each image's ``width``/``height``, which
+is all the box checks use, so image files are then neither required nor opened, as with
+pycocotools. Training reads through :func:`densedet.data.readers.read_dataset`, which keeps
+requiring every image.
 """
 from __future__ import annotations
 
@@ -17,14 +23,28 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from densedet.data.readers import (ClassMapper, DatasetIndex, Reporter, image_size, make_sample,
-                                   validate_box)
+from densedet.data.index import (ClassMapper, DatasetIndex, Reporter, image_size, make_sample,
+                                 validate_box)
 from densedet.errors import DensedetError
 
 
+def coco_json_in_dir(root: Path, split: str | None) -> Path:
+    """The json of a ``synth``-style directory: ``annotations_<split>.json`` or ``annotations.json``."""
+    jpath = root / (f"annotations_{split}.json" if split else "annotations.json")
+    if not jpath.is_file():
+        raise DensedetError(f"{jpath}: not found (pass the COCO .json file itself)")
+    return jpath
+
+
 def read_coco(path: str | os.PathLike, classes: Sequence[str] | None, skip_unknown: bool,
-              report: Reporter, image_root: str | os.PathLike | None = None) -> DatasetIndex:
-    """Read a COCO json into a DatasetIndex (see :func:`densedet.data.readers.read_dataset`)."""
+              report: Reporter, image_root: str | os.PathLike | None = None,
+              need_images: bool = True) -> DatasetIndex:
+    """Read a COCO json into a DatasetIndex (see :func:`densedet.data.readers.read_dataset`).
+
+    ``need_images=False`` (scoring only) takes each image's size from the json and neither
+    looks for nor opens the image, unless the json lacks the size; ``Sample.path`` is then
+    the image's would-be path under the first candidate root.
+    """
     jpath = Path(path)
     data = _load_json(jpath)
     cat_names = _categories(data, jpath, report)
@@ -43,7 +63,7 @@ def read_coco(path: str | os.PathLike, classes: Sequence[str] | None, skip_unkno
     per_image: dict[int, list[tuple[np.ndarray, int, bool]]] = {i: [] for i in images}
     sizes = {}
     for img_id, img in images.items():
-        sizes[img_id] = _image_path_and_size(img, img_id, roots, jpath, report)
+        sizes[img_id] = _image_path_and_size(img, img_id, roots, jpath, report, need_images)
     seen_ann: set[Any] = set()
     for k, ann in enumerate(data.get("annotations", [])):
         obj = _annotation(ann, k, jpath, images, sizes, cat_names, mapper, seen_ann, report)
@@ -121,17 +141,31 @@ def _image_roots(jpath: Path, images: dict[int, dict], image_root: str | os.Path
     return candidates
 
 
+def _find_image(img: dict, roots: list[Path]) -> Path | None:
+    return next((r / img["file_name"] for r in roots if (r / img["file_name"]).is_file()), None)
+
+
 def _image_path_and_size(img: dict, img_id: Any, roots: list[Path], jpath: Path,
-                         report: Reporter) -> tuple[Path, int, int] | None:
-    path = next((r / img["file_name"] for r in roots if (r / img["file_name"]).is_file()), None)
-    if path is None:
-        report(jpath, f"image id {img_id}", f"image {img['file_name']!r} not found in {roots[0]}")
-        return None
+                         report: Reporter, need_images: bool = True
+                         ) -> tuple[Path, int, int] | None:
+    """``(image path, width, height)`` or None (reported). The size comes from the json, else
+    from the image header; ``need_images=False`` skips the file lookup when the json has it."""
     w, h = img.get("width"), img.get("height")
-    if not all(isinstance(v, (int, float)) for v in (w or 0, h or 0)):
+    has_size = bool(w) and bool(h)
+    # one stat per image and root adds up on large sets (and network disks): skip it when
+    # nothing needs the file
+    path = _find_image(img, roots) if need_images or not has_size else None
+    if path is None and (need_images or not has_size):
+        why = "" if need_images else " (and the json gives no width/height)"
+        report(jpath, f"image id {img_id}",
+               f"image {img['file_name']!r} not found in {roots[0]}{why}")
+        return None
+    if path is None:
+        path = roots[0] / img["file_name"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (w or 0, h or 0)):
         report(jpath, f"image id {img_id}", f"width/height {w!r}/{h!r} are not numbers")
         return None
-    if not w or not h:
+    if not has_size:
         try:
             w, h = image_size(path)
         except OSError as e:
@@ -173,6 +207,22 @@ def _annotation(ann: Any, k: int, jpath: Path, images: dict, sizes: dict, cat_na
     if box is None:
         return None
     return box, label, bool(ann.get("iscrowd", 0))
+
+
+def read_coco_ground_truth(path: str | os.PathLike, classes: Sequence[str] | None = None,
+                           split: str | None = None) -> DatasetIndex:
+    """COCO ground truth for scoring detections: the json alone, no image needed.
+
+    Strict ``read_dataset(path, "coco", classes, split)`` except that image files are neither
+    required nor opened when the json gives each image's ``width``/``height`` (see
+    ``read_coco(..., need_images=False)``). ``path`` is a json, or a ``synth``-style directory
+    holding ``annotations_<split>.json`` / ``annotations.json``.
+    """
+    jpath = Path(path)
+    if jpath.is_dir():
+        jpath = coco_json_in_dir(jpath, split)
+    return read_coco(jpath, classes, skip_unknown=False, report=Reporter(strict=True),
+                     need_images=False)
 
 
 def coco_dict(samples, classes: Sequence[str], category_ids: Sequence[int]) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from densedet.data.image import read_image
 from densedet.data.sample import Sample
 from densedet.data.transforms import (PAD_VALUE, AugmentConfig, clip_boxes_np, hflip,
                                       hsv_jitter, letterbox, letterbox_boxes, letterbox_params,
@@ -52,25 +53,14 @@ def _reduction(orig_size: tuple[int, int], input_size: tuple[int, int]) -> int:
     return 1
 
 
-_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
-                  4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
-
-
 def load_image(path: str, reduction: int = 1, expected_size: tuple[int, int] | None = None
                ) -> np.ndarray:
-    """Decode an image as ``[h, w, 3]`` uint8 BGR, optionally at 1/``reduction`` size.
-
-    EXIF orientation is ignored so pixels match the annotation's raw frame (what image-size
-    readers such as Pillow report). Raises ``DensedetError`` naming the file when it cannot
-    be decoded or its size disagrees with ``expected_size (h, w)``.
+    """Decode an image as ``[h, w, 3]`` uint8 BGR, optionally at 1/``reduction`` size, with
+    :func:`densedet.data.image.read_image` (stored pixel grid, EXIF orientation ignored, as
+    everywhere in densedet). Raises ``DensedetError`` naming the file when it cannot be
+    decoded, is a truncated JPEG, or its size disagrees with ``expected_size (h, w)``.
     """
-    flags = _REDUCED_FLAGS[reduction] | cv2.IMREAD_IGNORE_ORIENTATION
-    try:
-        image = cv2.imread(str(path), flags)
-    except cv2.error as err:  # OpenCV raises on some malformed files instead of returning None
-        raise DensedetError(f"{path}: cannot decode image ({err})") from err
-    if image is None:
-        raise DensedetError(f"{path}: cannot read or decode image")
+    image = read_image(path, reduction)
     if expected_size is not None and min(expected_size) > 0:
         h, w = image.shape[:2]
         eh, ew = expected_size

@@ -5,15 +5,20 @@ From the ``n`` annotated images (``Annotations/*.xml``): ``trainval`` gets
 of those, ``val = trainval - train`` and ``test`` the rest. The choice depends only on the
 sorted list of stems and the seed (``random.Random(seed)``), so a rerun reproduces it. Each list
 is written sorted by stem, so files diff cleanly; membership is what is random.
+
+Lists are UTF-8, one stem per line, written as is: stems with spaces or non-ASCII characters
+(``im 0002 é``) read back whole (:func:`densedet.data.voc.parse_split_line`). Stems a line
+cannot carry (leading/trailing whitespace, line breaks, bytes that are not UTF-8) are refused
+with the file to rename, rather than written into a list that training would misread.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
 from pathlib import Path
 
+from densedet.data.voc import parse_split_line
 from densedet.errors import DensedetError
 
 LIST_NAMES = ("trainval", "train", "val", "test")
@@ -43,9 +48,11 @@ def split_dataset(root: str | os.PathLike, trainval: float = 0.9, train: float =
     ann_dir = root / "Annotations"
     if not ann_dir.is_dir():
         raise DensedetError(f"{root}: not a VOC dataset root (no Annotations/ directory)")
-    stems = [p.stem for p in ann_dir.glob("*.xml")]
-    if not stems:
+    xml_files = sorted(ann_dir.glob("*.xml"))
+    if not xml_files:
         raise DensedetError(f"{ann_dir}: no .xml annotation files")
+    _check_list_safe(xml_files)
+    stems = [p.stem for p in xml_files]
     out_dir = root / "ImageSets" / "Main"
     if not force:
         for name in LIST_NAMES:
@@ -59,16 +66,18 @@ def split_dataset(root: str | os.PathLike, trainval: float = 0.9, train: float =
     return lists
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", metavar="DATA", help="VOC dataset root (with Annotations/)")
-    parser.add_argument("--trainval", type=float, default=0.9, help="fraction of all images in trainval (default 0.9)")
-    parser.add_argument("--train", type=float, default=1.0, help="fraction of trainval in train (default 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing lists")
-
-
-def run(args: argparse.Namespace) -> int:
-    lists = split_dataset(args.data, args.trainval, args.train, args.seed, args.force)
-    out_dir = Path(args.data) / "ImageSets" / "Main"
-    print(f"wrote {out_dir}: " + ", ".join(f"{k} {len(v)}" for k, v in lists.items()))
-    return 0
+def _check_list_safe(xml_files: list[Path]) -> None:
+    """Refuse stems that would not read back from a list line as themselves (the readers of
+    train, eval and check parse the lines with :func:`parse_split_line`)."""
+    stems = {p.stem for p in xml_files}
+    for xml in xml_files:
+        stem = xml.stem
+        try:
+            stem.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes in the name (surrogate escapes)
+            raise DensedetError(f"{str(xml)!r}: file name is not valid UTF-8, so no UTF-8 list "
+                                "can name it; rename the annotation and its image") from None
+        if "\n" in stem or "\r" in stem or parse_split_line(stem, stems.__contains__) != stem:
+            raise DensedetError(f"{str(xml)!r}: a file name with line breaks or leading/trailing "
+                                "whitespace cannot be written into a list; rename the annotation "
+                                "and its image")

@@ -30,13 +30,11 @@ not depend on the number of worker processes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing as mp
 import os
 import shutil
-import time
 from pathlib import Path
 
 import cv2
@@ -44,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from densedet.data.coco import coco_dict
-from densedet.data.readers import DatasetIndex
+from densedet.data.index import DatasetIndex
 from densedet.data.sample import Sample
 from densedet.data.split import LIST_NAMES, split_stems
 from densedet.data.voc import write_voc_xml
@@ -358,22 +356,3 @@ def _write_coco(out: Path, samples: list[Sample], classes: list[str], lists: dic
         keep = set(int(s) for s in stems)
         subset = [s for s in coco_samples if s.image_id in keep]
         (out / f"annotations_{name}.json").write_text(json.dumps(coco_dict(subset, classes, cat_ids)))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", metavar="OUT", help="output directory (VOC layout)")
-    parser.add_argument("--images", type=int, default=2000, help="number of images (default 2000)")
-    parser.add_argument("--size", type=int, default=320, help="image side in px (default 320)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--crowd", action="store_true", help="dense overlapping pedestrian-like figures")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (default 2)")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty OUT (replaces its dataset)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from densedet.data.check import summarize
-    t0 = time.perf_counter()
-    index = make_synth(args.out, args.images, args.size, args.seed, args.crowd, args.workers, args.force)
-    print(summarize(index))
-    print(f"wrote {len(index.samples)} images to {args.out} in {time.perf_counter() - t0:.1f} s")
-    return 0

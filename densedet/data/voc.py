@@ -9,21 +9,26 @@ the image header.
 Cache (``read_dataset(..., cache=True)``): only the pure first stage, the texts of each xml,
 is cached, keyed by the file's size and mtime (ns); class mapping, image lookup and validation
 run every time. So the cache cannot go stale: an edited xml is re-read, a changed class list or
-a deleted image is seen. Location: ``$DENSEDET_CACHE_DIR`` or ``~/.cache/densedet``.
+a deleted image is seen. Location: ``$DENSEDET_CACHE_DIR`` or ``~/.cache/densedet``, one
+``voc-<hash of the root>.json`` per dataset (JSON, never pickle; a corrupt file is rebuilt).
+
+Split lists (``ImageSets/Main/<split>.txt``): one id per line, optionally followed by a
+``-1/0/1`` flag; ids may contain spaces and non-ASCII UTF-8 (see :func:`parse_split_line`).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import pickle
+import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from densedet.data.readers import (ClassMapper, DatasetIndex, Reporter, find_image, image_size,
-                                   make_sample, read_class_file, validate_box)
+from densedet.data.index import (ClassMapper, DatasetIndex, Reporter, find_image, image_size,
+                                 make_sample, read_class_file, validate_box)
 from densedet.data.sample import Sample
 from densedet.errors import DensedetError
 
@@ -39,37 +44,77 @@ def voc_classes(root: Path, classes: Sequence[str] | None) -> list[str]:
                         "or put a classes.txt with one name per line in the dataset root)")
 
 
-def read_split_list(list_file: Path) -> list[tuple[str, int]]:
-    """``(stem, line number)`` per non-blank line; the first token only, because VOC's
-    per-class lists carry a ``1/-1/0`` flag after the name."""
+# The flag VOC's per-class lists put after an id (``000005 -1``): absent, neutral, present.
+_SPLIT_FLAGS = frozenset({"-1", "0", "1"})
+
+
+def parse_split_line(line: str, known: Callable[[str], bool] | None = None) -> str | None:
+    """The image id on one ImageSets line, or None for a blank line.
+
+    A line is an id, optionally followed by whitespace and a ``-1``/``0``/``1`` flag (VOC's
+    per-class lists). Ids may contain spaces and any UTF-8 (``densedet split`` writes file
+    stems as they are, e.g. ``im 0002 é``), so the id is the whole line minus that flag, not
+    its first token. A line that is a ``known`` id as a whole is taken whole, so an id that
+    itself ends in `` 1`` survives. Leading/trailing whitespace is not part of an id.
+    """
+    text = line.strip()
+    if not text:
+        return None
+    if known is not None and known(text):
+        return text
+    parts = text.rsplit(None, 1)
+    return parts[0] if len(parts) == 2 and parts[1] in _SPLIT_FLAGS else text
+
+
+def read_split_list(list_file: Path, known: Callable[[str], bool] | None = None
+                    ) -> list[tuple[str, int]]:
+    """``(id, line number)`` per non-blank line of a UTF-8 list (see :func:`parse_split_line`;
+    ``known`` tells whether an id exists, to settle ids ending in a flag-like word)."""
     if not list_file.is_file():
         raise DensedetError(f"{list_file}: split list not found")
+    data = list_file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # -sig: editors on Windows may prepend a BOM
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DensedetError(f"{list_file}: line {line}: not valid UTF-8 ({e.reason}); save the "
+                            "list as UTF-8") from None
     entries = []
-    for n, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
-        tokens = line.split()
-        if tokens:
-            entries.append((tokens[0], n))
+    # split on "\n" only: str.splitlines() would also break ids at \x85, \u2028, ...
+    for n, line in enumerate(text.split("\n"), start=1):
+        stem = parse_split_line(line, known)
+        if stem is not None:
+            entries.append((stem, n))
     return entries
 
 
 class RawCache:
-    """Stage-1 results per xml file name, each stored with the file's (size, mtime_ns)."""
+    """Stage-1 results per xml file name, each stored with the file's (size, mtime_ns).
 
-    VERSION = 1
+    Stored as JSON, never pickle: the cache directory may be shared or writable by others, and
+    unpickling a planted file runs arbitrary code. A cache that is unreadable, of another
+    version or malformed (wholly or per entry) is ignored and rebuilt.
+    """
+
+    VERSION = 2  # 1 was the pickle format (voc-*.pkl), never read again
 
     def __init__(self, root: Path) -> None:
         base = Path(os.environ.get("DENSEDET_CACHE_DIR") or Path.home() / ".cache" / "densedet")
         digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-        self.path = base / f"voc-{digest}.pkl"
+        self.path = base / f"voc-{digest}.json"
         self.entries: dict[str, tuple[tuple[int, int], dict]] = {}
         self.dirty = False
         try:
-            with open(self.path, "rb") as f:
-                version, entries = pickle.load(f)
-            if version == self.VERSION:
-                self.entries = entries
-        except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError):
-            pass  # no cache yet, or an unreadable one: rebuild it
+            with open(self.path, encoding="utf-8") as f:
+                stored = json.load(f)
+        except (OSError, ValueError):  # ValueError: bad JSON or bad UTF-8
+            return  # no cache yet, or an unreadable one: rebuild it
+        if isinstance(stored, dict) and stored.get("version") == self.VERSION \
+                and isinstance(stored.get("entries"), dict):
+            for name, entry in stored["entries"].items():
+                parsed = _cache_entry(entry)
+                if parsed is not None:
+                    self.entries[name] = parsed
 
     def get(self, xml: Path) -> dict:
         """The raw texts of ``xml``, parsed again when its size or mtime changed."""
@@ -84,17 +129,52 @@ class RawCache:
         return raw
 
     def save(self) -> None:
-        """Write atomically (a reader never sees half a file); failing to write only costs speed."""
+        """Write atomically (a temporary file in the same directory, then ``os.replace``: a
+        reader never sees half a file); failing to write only costs speed."""
         if not self.dirty:
             return
+        payload = {"version": self.VERSION,
+                   "entries": {name: {"key": list(key), "raw": raw}
+                               for name, (key, raw) in self.entries.items()}}
+        tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                pickle.dump((self.VERSION, self.entries), f, protocol=pickle.HIGHEST_PROTOCOL)
+            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=self.path.parent,
+                                             prefix=self.path.name, suffix=".tmp",
+                                             delete=False) as f:
+                tmp = f.name
+                json.dump(payload, f, ensure_ascii=False, separators=(",", ":"))
             os.replace(tmp, self.path)
         except OSError:
-            pass
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
+
+def _cache_entry(entry: object) -> tuple[tuple[int, int], dict] | None:
+    """A stored ``{"key": [size, mtime_ns], "raw": {...}}`` back to ``(key, raw)``, or None
+    when ``raw`` lacks the shape :func:`load_voc_xml` returns (that xml is then re-parsed, so a
+    damaged entry can never crash stage 2). JSON turns the ``error`` tuple into a list, which
+    parse_voc_xml unpacks the same way."""
+    if not isinstance(entry, dict):
+        return None
+    key, raw = entry.get("key"), entry.get("raw")
+    if not (isinstance(key, list) and len(key) == 2 and all(type(v) is int for v in key)
+            and isinstance(raw, dict)):
+        return None
+    if "error" in raw:
+        err = raw["error"]
+        ok = isinstance(err, list) and len(err) == 2 and all(isinstance(v, str) for v in err)
+    else:
+        objects = raw.get("objects")
+        ok = _texts(raw, ("filename", "width", "height")) and isinstance(objects, list) and all(
+            isinstance(o, dict) and _texts(o, ("name", "difficult")) and "bndbox" in o
+            and (o["bndbox"] is None or _texts(o["bndbox"], COORDS)) for o in objects)
+    return ((key[0], key[1]), raw) if ok else None
+
+
+def _texts(d: object, keys: Sequence[str]) -> bool:
+    """``d`` is a dict holding every key, each a str or None (an optional xml text)."""
+    return isinstance(d, dict) and all(k in d and (d[k] is None or isinstance(d[k], str)) for k in keys)
 
 
 def read_voc(path: str | os.PathLike, classes: Sequence[str] | None, split: str | None,
@@ -110,7 +190,11 @@ def read_voc(path: str | os.PathLike, classes: Sequence[str] | None, split: str 
     else:
         list_file = root / "ImageSets" / "Main" / f"{split}.txt"
         xml_files = []
-        for stem, line in read_split_list(list_file):
+
+        def known(stem: str) -> bool:  # settles ids ending in a flag-like word ("im 1")
+            return (ann_dir / f"{stem}.xml").is_file()
+
+        for stem, line in read_split_list(list_file, known):
             xml = ann_dir / f"{stem}.xml"
             if xml.is_file():
                 xml_files.append(xml)
@@ -230,6 +314,10 @@ def _parse_object(obj: dict, k: int, xml: Path, width: int, height: int, mapper:
     label = mapper.lookup(name, xml, where, report)
     if label is None:
         return None
+    # 1-based inclusive pixel indices -> continuous pixel edges (the frame training and model
+    # predictions use): width xmax - xmin + 1, the devkit's. A VOC detections file is given in
+    # the XML's own frame and densedet.evaluate (det_frame="voc") shifts it the same way, so
+    # its AP is the devkit's; see docs/eval.md.
     box = validate_box((xmin - 1.0, ymin - 1.0, xmax, ymax), width, height, xml, where, report)
     if box is None:
         return None

@@ -21,8 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from densedet.data.readers import (IMAGE_EXTENSIONS, ClassMapper, DatasetIndex, Reporter, image_size,
-                                   make_sample, read_class_file, validate_box)
+from densedet.data.index import (IMAGE_EXTENSIONS, ClassMapper, DatasetIndex, Reporter, image_size,
+                                 make_sample, read_class_file, validate_box)
 from densedet.data.sample import Sample
 from densedet.errors import DensedetError
 

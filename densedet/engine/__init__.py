@@ -10,7 +10,10 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from densedet.engine.build import model_from_weights, read_split, resolve_device
+from densedet.engine.inference import evaluate_on
 from densedet.engine.trainer import NonFiniteLossError, Trainer, train
+from densedet.evaluate import continuous_to_voc_results
 
 
 def evaluate_model(config_path: Optional[str | Path], weights: str | Path, split: Optional[str] = None,
@@ -24,24 +27,31 @@ def evaluate_model(config_path: Optional[str | Path], weights: str | Path, split
         split: dataset split (default ``data.val_split``).
         overrides: ``dotted.key=value`` applied to the config (e.g. ``data.root=...``).
         json_out: where to write the detections (COCO results format, original-image
-            pixels; ``densedet eval --save-detections``), to re-score them later with
-            ``densedet eval --ann GT --detections FILE``. None writes nothing.
+            pixels, in the frame ``densedet eval --ann GT --detections FILE`` reads for that
+            dataset: a VOC annotation's own 1-based pixels, else COCO's). None writes nothing.
         device: ``auto``, ``cpu``, ``cuda``...
     Returns:
         :func:`densedet.evaluate.evaluate`'s dict.
     """
-    from densedet.engine.build import model_from_weights, read_split, resolve_device
-    from densedet.engine.inference import evaluate_on
-
     dev = resolve_device(device)
     model, cfg, classes = model_from_weights(weights, config_path, overrides, device=dev)
     index = read_split(cfg, split if split is not None else cfg.data.val_split, classes=classes)
     metrics, results = evaluate_on(model, index, cfg, dev, batch_size=8)
     if json_out is not None:
-        path = Path(json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results) + "\n")
+        write_detections(results, index.fmt, json_out)
     return metrics
 
 
-__all__ = ["NonFiniteLossError", "Trainer", "evaluate_model", "train"]
+def write_detections(results: list[dict], gt_format: str, path: str | Path) -> Path:
+    """Write model detections (COCO results, continuous frame) in the frame that
+    ``densedet eval --ann GT --detections FILE`` reads for ``gt_format``: a VOC annotation's
+    own 1-based pixels for ``voc`` (docs/eval.md), so the file re-scores to the same numbers."""
+    if gt_format == "voc":
+        results = continuous_to_voc_results(results)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results) + "\n")
+    return path
+
+
+__all__ = ["NonFiniteLossError", "Trainer", "evaluate_model", "train", "write_detections"]

@@ -13,6 +13,7 @@ from torch import nn
 
 from densedet.config import Config, config_from_dict, load_config
 from densedet.errors import DensedetError
+from densedet.models import DEFAULT_ASSIGNER
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -28,6 +29,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def assigner_name(cfg: Config) -> str:
+    """The assigner a config trains with: ``assigner.name``, or the model family's own when
+    that is null."""
+    return cfg.assigner.name or DEFAULT_ASSIGNER.get(cfg.model.name, "")
+
+
 def build_detector(cfg: Config, num_classes: int, with_assigner: bool = True) -> nn.Module:
     """``build_model`` + ``build_assigner`` from the config; every refusal becomes a
     :class:`DensedetError` naming the model and the assigner."""
@@ -38,7 +45,7 @@ def build_detector(cfg: Config, num_classes: int, with_assigner: bool = True) ->
     if name not in MODELS:
         raise DensedetError(f"model.name: unknown model {name!r}; choose one of {', '.join(MODELS)}")
     assigner = None
-    aname = cfg.assigner_name
+    aname = assigner_name(cfg)
     if with_assigner:
         if aname not in ASSIGNERS:
             raise DensedetError(f"assigner.name: unknown assigner {aname!r}; choose one of "
@@ -110,7 +117,8 @@ def model_from_weights(weights: str | Path, config_path: Optional[str | Path] = 
             raise DensedetError(f"{weights}: the weights do not fit model {cfg.model.name!r} "
                                 f"size {cfg.model.size!r}: {str(e).splitlines()[0]}") from None
     else:
-        load_matching(model, state, log=log)
+        load_matching(model, state, log=log, source=weights,
+                      allow_partial=cfg.train.init_weights_partial)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     return model.to(device).eval(), cfg, list(classes)
 

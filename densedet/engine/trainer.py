@@ -2,14 +2,18 @@
 
 One run, top to bottom (:class:`Trainer`):
 
-1. validate everything that can fail fast: model/assigner names and compatibility, the
-   dataset root, class list, every annotation and image (``check_dataset``);
+1. validate everything that can fail fast: an ``output_dir`` already holding a run (refused
+   unless ``--resume`` or ``--force``), model/assigner names and compatibility, the dataset
+   root, class list, every annotation and image of the train and val splits
+   (``check_dataset``; ``data.val_split=null`` is the explicit way to train without
+   validation); leftovers of saves killed mid-write are removed;
 2. build model, optimizer (SGD with nesterov, no weight decay on norm weights and biases;
    or AdamW), EMA, GradScaler (AMP only on CUDA), the warmup-cosine schedule;
 3. resume from ``OUTPUT_DIR/last.pt`` or start from ``train.init_weights`` / ``--weights``
-   (tensors of another shape, e.g. another class count, are skipped and listed);
-4. per epoch: ``model.set_epoch``; in the last ``no_aug_epochs`` mosaic/mixup are closed and
-   the head's L1 term is switched on; per iteration: lr from the schedule, forward + loss
+   (tensors of another shape, e.g. another class count, are skipped and listed; a file
+   whose backbone/neck mostly does not fit is refused unless ``train.init_weights_partial``);
+4. per epoch: in the last ``no_aug_epochs`` mosaic/mixup are closed; ``model.set_epoch``
+   tells the head (its ``on_epoch``: YOLOX's L1 term, NanoDet-Plus's guidance detach); per iteration: lr from the schedule, forward + loss
    (the assigner runs in float32 inside), NaN/inf check naming the term, backward, optional
    gradient clipping, step, EMA update, logs, and ``last.pt`` every ``checkpoint_interval``
    iterations so a killed run resumes close to where it stopped;
@@ -28,7 +32,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -36,19 +40,39 @@ from torch import nn
 
 from densedet.config import Config, config_to_dict, load_config
 from densedet.engine import distributed as dist_utils
-from densedet.engine.build import (build_detector, check_index, count_gflops, count_params,
+from densedet.engine.build import (assigner_name, build_detector, check_index, count_gflops, count_params,
                                    read_split, resolve_device)
 from densedet.engine.checkpoint import (inference_state_dict, load_checkpoint, load_matching,
-                                        rng_state, save_atomic, set_rng_state)
+                                        remove_stale_tmp, rng_state, save_atomic, set_rng_state)
 from densedet.engine.ema import ModelEMA, unwrap
 from densedet.engine.inference import evaluate_on, headline
 from densedet.engine.runlog import CsvLog, tensorboard_writer
 from densedet.engine.schedule import WarmCosSchedule
 from densedet.errors import DensedetError
 
+if TYPE_CHECKING:
+    from densedet.data.index import DatasetIndex
+
 
 class NonFiniteLossError(DensedetError):
     """A loss became NaN/inf; the message names the term, epoch and iteration."""
+
+
+# What a training run writes into output_dir: their presence means the folder holds a run.
+RUN_FILES = ("best.pt", "last.pt", "metrics.json", "log.csv")
+
+
+def existing_run_files(out: Path) -> list[str]:
+    """The :data:`RUN_FILES` present in ``out`` (empty when ``out`` does not exist)."""
+    return [name for name in RUN_FILES if (out / name).is_file()]
+
+
+def split_source(index: DatasetIndex, split: str) -> str:
+    """The file that defines ``split`` of a read dataset, for messages: the VOC list file,
+    else the dataset path (COCO json, YOLO yaml or folder)."""
+    if index.fmt == "voc":
+        return str(Path(index.root) / "ImageSets" / "Main" / f"{split}.txt")
+    return str(index.root)
 
 
 def seed_everything(seed: int) -> None:
@@ -77,14 +101,6 @@ def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Opt
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, nesterov=t.nesterov)
     return torch.optim.AdamW(groups, lr=lr, betas=(t.momentum, 0.999))
-
-
-def _close_mosaic(dataset) -> None:
-    for name in ("close_mosaic", "disable_mosaic", "close_mixup"):
-        fn = getattr(dataset, name, None)
-        if callable(fn):
-            fn()
-            return
 
 
 class SkipSampler(torch.utils.data.Sampler):
@@ -117,9 +133,10 @@ class Trainer:
     """Train ``cfg``; see the module docstring. ``log`` receives human-readable lines."""
 
     def __init__(self, cfg: Config, resume: bool = False, weights: Optional[str] = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, force: bool = False):
         self.cfg = cfg
         self.resume = resume
+        self.force = force  # overwrite a previous run in output_dir (without resume)
         self.weights = weights or cfg.train.init_weights
         self._log = log
         self.out = Path(cfg.output_dir)
@@ -129,8 +146,59 @@ class Trainer:
             self._log(msg)
 
     # ------------------------------------------------------------------ setup
+    def _check_output_dir(self) -> None:
+        """Refuse to train over a previous run: its checkpoints and metrics would be replaced
+        (or worse, mixed with the new run's) without anyone having asked for that.
+
+        Runs on every process before the process group forms, so all refuse together."""
+        if self.resume and self.force:
+            raise DensedetError("--resume continues the run in output_dir, --force replaces it: "
+                                "pass one of them")
+        if self.resume or self.force:
+            return
+        found = existing_run_files(self.out)
+        if found:
+            raise DensedetError(
+                f"output_dir {self.out} already holds a run ({', '.join(found)}); pass --resume to "
+                f"continue it, --force to overwrite it (train(..., force=True)), or set "
+                f"output_dir=ANOTHER_FOLDER")
+
+    def _clear_previous_run(self) -> None:
+        """``--force``: delete the previous run's results so none outlives the new run
+        (a best.pt of the old run next to the new last.pt, TensorBoard curves of both)."""
+        if self.resume or not self.force:
+            return
+        old = [self.out / name for name in existing_run_files(self.out)]
+        old += sorted((self.out / "tb").glob("events.out.tfevents.*"))
+        for p in old:
+            p.unlink(missing_ok=True)
+        if old:
+            self.log(f"--force: removed the previous run's {', '.join(str(p.relative_to(self.out)) for p in old)} "
+                     f"in {self.out}")
+
+    def _read_val(self) -> Optional[DatasetIndex]:
+        """The validation index, or None when ``data.val_split`` is null. Any problem with a
+        configured split is an error, like the train split's: validation silently dropped
+        would leave best.pt the last epoch while looking selected by AP."""
+        cfg = self.cfg
+        split = cfg.data.val_split
+        if split is None:
+            self.log("validation off (data.val_split=null): no evaluation during training; "
+                     "best.pt will hold the last evaluated epoch's weights and metrics.json no AP")
+            return None
+        off = "or set data.val_split=null to train without validation"
+        try:
+            index = read_split(cfg, split, classes=self.classes)
+        except DensedetError as e:
+            raise DensedetError(f"{e} (validation split {split!r}, data.val_split: fix it, {off})") from None
+        if not index.samples:
+            raise DensedetError(f"{split_source(index, split)}: validation split {split!r} "
+                                f"(data.val_split) has no images; fill it, {off}")
+        return index
+
     def setup(self) -> None:
         cfg, t = self.cfg, self.cfg.train
+        self._check_output_dir()  # first: seconds, before any dataset read or model build
         device = resolve_device(t.device)
         if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             device = torch.device("cuda", dist_utils.local_rank())
@@ -142,24 +210,29 @@ class Trainer:
             raise DensedetError(f"train.batch_size={t.batch_size} is not divisible by the "
                                 f"{self.world} processes")
         seed_everything(t.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+        if dist_utils.is_main():
+            removed = remove_stale_tmp(self.out)
+            if removed:
+                self.log(f"removed {len(removed)} temporary file(s) of interrupted saves in "
+                         f"{self.out}: {', '.join(p.name for p in removed)}")
 
         # --- data: read and check before anything slow happens
         self.train_index = read_split(cfg, cfg.data.train_split)
         self.classes = list(self.train_index.classes)
         if not self.train_index.samples:
-            raise DensedetError(f"{cfg.data.root}: split {cfg.data.train_split!r} has no images")
-        self.val_index = None
-        if cfg.data.val_split:
-            try:
-                self.val_index = read_split(cfg, cfg.data.val_split, classes=self.classes)
-            except DensedetError as e:
-                if "not found" not in str(e) and "no such" not in str(e).lower():
-                    raise
-                self.log(f"no validation split ({e}); best.pt will be the last epoch")
+            where = (split_source(self.train_index, cfg.data.train_split) if cfg.data.train_split
+                     else cfg.data.root)
+            raise DensedetError(f"{where}: split {cfg.data.train_split!r} (data.train_split) has no "
+                                f"images; fill it or point data.train_split at another split")
+        self.val_index = self._read_val()
         if dist_utils.is_main():
             check_index(self.train_index, f"{cfg.data.root} split {cfg.data.train_split}")
             if self.val_index is not None:
-                check_index(self.val_index, f"{cfg.data.root} split {cfg.data.val_split}")
+                try:
+                    check_index(self.val_index, f"{cfg.data.root} split {cfg.data.val_split}")
+                except DensedetError as e:
+                    raise DensedetError(f"{e}\n(validation split, data.val_split: fix it, or set "
+                                        f"data.val_split=null to train without validation)") from None
         if self.train_index.skipped:
             self.log(f"skipped objects of unknown classes: {self.train_index.skipped}")
 
@@ -170,7 +243,7 @@ class Trainer:
         n_params = count_params(self.model)
         self.gflops = count_gflops(self.model, cfg.input_hw)
         gf = f"{self.gflops:.2f}" if self.gflops is not None else "?"
-        self.log(f"model {cfg.model.name} size={cfg.model.size} assigner={cfg.assigner_name}: "
+        self.log(f"model {cfg.model.name} size={cfg.model.size} assigner={assigner_name(cfg)}: "
                  f"{n_params / 1e6:.2f} M params, {gf} GFLOPs at {cfg.input_hw[0]}x{cfg.input_hw[1]}")
         self.n_params = n_params
 
@@ -220,7 +293,8 @@ class Trainer:
             self.log(f"initial weights: {self.weights}")
             ckpt = load_checkpoint(self.weights)
             # the EMA weights when the file has them: what was evaluated (YOLOX's too)
-            load_matching(self.model, inference_state_dict(ckpt), log=self.log)
+            load_matching(self.model, inference_state_dict(ckpt), log=self.log, source=self.weights,
+                          allow_partial=t.init_weights_partial)
             if self.ema is not None:
                 self.ema = ModelEMA(self.model, t.ema_decay)
 
@@ -239,6 +313,7 @@ class Trainer:
         self.csv = None
         if dist_utils.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
+            self._clear_previous_run()  # only now: a refusal above keeps the old run intact
             (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
             self.csv = CsvLog(self.out / "log.csv", resume=self.resume, keep_until=self.global_iter)
             self.writer = tensorboard_writer(self.out / "tb")
@@ -330,7 +405,7 @@ class Trainer:
 
     def train(self) -> dict:
         self.setup()
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         self.log(f"training {t.epochs} epochs x {self.iters_per_epoch} iterations, batch "
                  f"{t.batch_size} ({self.world} process(es)), base lr {self.base_lr:g}, "
                  f"device {self.device}, amp {self.use_amp}; output {self.out}")
@@ -351,17 +426,18 @@ class Trainer:
         return summary
 
     def train_epoch(self, epoch: int, skip: int) -> int:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         model = unwrap(self.model)
-        model.set_epoch(epoch, t.epochs)
-        if epoch >= t.epochs - t.no_aug_epochs:
-            _close_mosaic(self.dataset)
-            if hasattr(model.head, "use_l1"):
-                model.head.use_l1 = True
-                if self.ema is not None:
-                    self.ema.module.head.use_l1 = True
-            if epoch == t.epochs - t.no_aug_epochs or skip or epoch == self.start_epoch:
-                self.log("no mosaic/mixup from now on" + (", L1 loss on" if hasattr(model.head, "use_l1") else ""))
+        no_aug = epoch >= t.epochs - t.no_aug_epochs
+        if no_aug:
+            self.dataset.close_mosaic()
+        note = model.set_epoch(epoch, t.epochs, no_aug)
+        if self.ema is not None:  # the averaged copy evaluates with the same loss switches
+            self.ema.module.set_epoch(epoch, t.epochs, no_aug)
+        if no_aug and (epoch == t.epochs - t.no_aug_epochs or skip or epoch == self.start_epoch):
+            self.log("no mosaic/mixup from now on")
+        if note:
+            self.log(f"epoch {epoch + 1}: {note}")
         self.sampler.set_epoch(epoch, skip * self.local_batch)
         self.ddp.train()
         total = self.iters_per_epoch
@@ -487,7 +563,7 @@ class Trainer:
         """Write ``metrics.json``: the evaluation of ``best.pt`` plus training facts."""
         summary = {
             "model": self.cfg.model.name, "size": self.cfg.model.size,
-            "assigner": self.cfg.assigner_name, "classes": self.classes,
+            "assigner": assigner_name(self.cfg), "classes": self.classes,
             "epochs": self.cfg.train.epochs, "iterations": self.global_iter,
             "best_epoch": self.best_epoch, "train_seconds": round(seconds, 2),
             "train_images_per_second": round(images_seen / seconds, 3) if seconds > 0 else None,
@@ -498,7 +574,7 @@ class Trainer:
             # best_metrics was computed on exactly the weights stored in best.pt
             metrics = dict(self.best_metrics or {})
             metrics["train"] = summary
-            tmp = self.out / ".metrics.json.tmp"
+            tmp = self.out / f".metrics.json.{os.getpid()}.tmp"  # pid: see remove_stale_tmp
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")
             os.replace(tmp, self.out / "metrics.json")
             self.log(f"done in {seconds:.0f}s; best epoch {self.best_epoch}: {headline(self.best_metrics)}; "
@@ -508,15 +584,19 @@ class Trainer:
 
 
 def train(cfg: Config | str | Path, overrides: Optional[list[str]] = None, resume: bool = False,
-          weights: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+          weights: Optional[str] = None, log: Callable[[str], None] = print,
+          force: bool = False) -> dict:
     """Train from a :class:`Config` or a YAML path (+ overrides); returns what
-    ``metrics.json`` holds (the best checkpoint's metrics plus a ``train`` summary)."""
+    ``metrics.json`` holds (the best checkpoint's metrics plus a ``train`` summary).
+
+    ``resume`` continues ``OUTPUT_DIR/last.pt``; ``force`` starts afresh in an ``output_dir``
+    that already holds a run, deleting its results (without either, that is an error)."""
     if not isinstance(cfg, Config):
         cfg = load_config(cfg, overrides or [])
     elif overrides:
         from densedet.config import config_from_dict
         cfg = config_from_dict(config_to_dict(cfg), overrides)
     try:
-        return Trainer(cfg, resume=resume, weights=weights, log=log).train()
+        return Trainer(cfg, resume=resume, weights=weights, log=log, force=force).train()
     finally:
         dist_utils.cleanup()

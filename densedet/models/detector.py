@@ -64,6 +64,13 @@ class Head(nn.Module):
         """Weighted loss terms and the positive count (normaliser before DDP averaging)."""
         raise NotImplementedError
 
+    def on_epoch(self, epoch: int, max_epochs: int, no_aug: bool) -> Optional[str]:
+        """Called before each training epoch (0-based); ``no_aug`` is true in the last
+        epochs, trained without mosaic/mixup. A head whose loss changes with the schedule
+        (YOLOX's L1 term, NanoDet-Plus's guidance detach) does it here and returns a note for
+        the log when something changed."""
+        return None
+
 
 class Detector(nn.Module):
     """A dense detector.
@@ -114,10 +121,9 @@ class Detector(nn.Module):
             cache[key] = make_priors(sizes, self.strides, self.prior_offset, device=device)
         return cache[key]
 
-    def set_epoch(self, epoch: int, max_epochs: int) -> None:
-        """Epoch hook (NanoDet-Plus stops the guidance gradient after some epochs)."""
-        if hasattr(self.head, "set_epoch"):
-            self.head.set_epoch(epoch, max_epochs)
+    def set_epoch(self, epoch: int, max_epochs: int, no_aug: bool = False) -> Optional[str]:
+        """The head's :meth:`Head.on_epoch`: returns its note for the log, if any."""
+        return self.head.on_epoch(epoch, max_epochs, no_aug)
 
     def assign(self, raw: dict[str, Tensor], targets: dict[str, Tensor]) -> Assignment:
         """Run the assigner on the head's (detached) predictions."""

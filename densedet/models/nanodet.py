@@ -145,7 +145,7 @@ class NanoDetPlusHead(Head):
         qfl_weight, giou_weight, dfl_weight: loss weights.
     """
 
-    compatible_assigners = ("dsl", "simota", "tal", "lla", "atss", "fcos")
+    compatible_assigners = ("dsl", "simota", "tal", "lla", "atss", "fcos", "ota")
     # Not "dw": its soft pair weights and per-class negative weights need DW's own loss.
 
     def __init__(self, num_classes: int, in_channels: int, num_levels: int = 4, feat_channels: int = 96,
@@ -170,8 +170,12 @@ class NanoDetPlusHead(Head):
                     if use_aux else None)
         self.register_buffer("bins", torch.arange(reg_max + 1, dtype=torch.float32), persistent=False)
 
-    def set_epoch(self, epoch: int, max_epochs: int) -> None:
+    def on_epoch(self, epoch: int, max_epochs: int, no_aug: bool) -> Optional[str]:
+        detached_before = self.aux_detached
         self.epoch = epoch
+        if self.aux is not None and self.aux_detached and not detached_before:
+            return "guidance head input detached"
+        return None
 
     @property
     def aux_detached(self) -> bool:

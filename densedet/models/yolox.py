@@ -18,7 +18,6 @@ and the encoded target; everything divided by ``max(num_pos, 1)``.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -67,7 +66,7 @@ class YOLOXHead(Head):
             overflow (``exp(8) * 32`` px is far beyond any image).
     """
 
-    compatible_assigners = ("simota", "dsl", "lla", "tal", "atss", "fcos")
+    compatible_assigners = ("simota", "dsl", "lla", "tal", "atss", "fcos", "ota")
     # Not "dw": DW's assignment is soft pair weights [B, G, A] and per-class negative
     # weights that need DW's own loss; this loss reads only gt_index / labels / quality.
 
@@ -132,6 +131,13 @@ class YOLOXHead(Head):
         return scores.sqrt().detach(), boxes.detach()
 
     # -- loss -------------------------------------------------------------------------------
+    def on_epoch(self, epoch: int, max_epochs: int, no_aug: bool) -> Optional[str]:
+        """YOLOX adds the L1 term for the epochs trained without mosaic/mixup."""
+        if no_aug and not self.use_l1:
+            self.use_l1 = True
+            return "L1 loss on"
+        return None
+
     def loss(self, raw: dict[str, Tensor], priors: Tensor, assignment: Assignment,
              targets: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         pos = assignment.pos_mask                                     # [B, A]

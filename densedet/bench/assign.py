@@ -1,17 +1,16 @@
-"""``densedet bench``: benchmarks.
+"""Assignment speed and memory: every batched assigner against its per-image reference.
 
     densedet bench assign [--methods fcos atss ...] [--repeats N] [--ref-repeats R] [--threads T]
+    python benchmarks/assign.py ...   (the same)
 
 ``assign`` times every batched assigner against its per-image reference loop (and against
 Ultralytics' ``TaskAlignedAssigner`` when ``ultralytics`` is installed) on realistic random
-scenes, and prints a table. ``benchmarks/assign.py`` is a thin wrapper around
-:func:`run_assign_benchmark` so that the same code runs from a checkout and when installed.
+scenes, and prints a table. The code lives in the package so that it runs the
+same from a checkout and when installed.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import math
 import statistics
 import sys
@@ -22,7 +21,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-ALL_METHODS = ("fcos", "atss", "simota", "dsl", "lla", "dw", "tal")
+from densedet.assign import ASSIGNERS
+
+ALL_METHODS = tuple(ASSIGNERS)
 STRIDES = (8, 16, 32)
 IMAGE_SIZE = 640
 
@@ -79,13 +80,19 @@ def random_scene(batch: int, max_objects: int, num_classes: int = 80, image_size
     gt_boxes = gt_boxes * gt_valid[..., None]  # padding rows are zeros
     gt_labels = torch.randint(0, C, (B, G), generator=g) * gt_valid
 
-    # which object (if any) each prior sits in: the first one, enough for fake predictions
+    # which object (if any) each prior sits in: the first one, enough for fake predictions;
+    # a slice of objects at a time so that huge scenes do not build [B, G, A] tensors
     px, py = priors[:, 0], priors[:, 1]
-    inside = ((px > gt_boxes[..., 0, None]) & (px < gt_boxes[..., 2, None])
-              & (py > gt_boxes[..., 1, None]) & (py < gt_boxes[..., 3, None])
-              & gt_valid[..., None])  # [B, G, A]
-    owner = (torch.where(inside.any(1), inside.float().argmax(1), -1) if G else
-             torch.full((B, A), -1, dtype=torch.long))  # [B, A]
+    owner = torch.full((B, A), -1, dtype=torch.long)  # [B, A]
+    step = max(1, (1 << 22) // max(1, B * A))
+    for start in range(0, G, step):
+        part = slice(start, start + step)
+        box = gt_boxes[:, part]
+        inside = ((px > box[..., 0, None]) & (px < box[..., 2, None])
+                  & (py > box[..., 1, None]) & (py < box[..., 3, None])
+                  & gt_valid[:, part, None])  # [B, g, A]
+        first = torch.where(inside.any(1), inside.float().argmax(1) + start, -1)
+        owner = torch.where(owner >= 0, owner, first)
     has = owner >= 0
     own = owner.clamp(min=0)
 
@@ -107,10 +114,26 @@ def random_scene(batch: int, max_objects: int, num_classes: int = 80, image_size
     return Scene(name, priors, scores, boxes, gt_boxes, gt_labels, gt_valid)
 
 
-def standard_scenes() -> list[Scene]:
-    """The two benchmark scenes: (a) a training batch, (b) a crowd."""
-    return [random_scene(16, 20, name="B16 G20", seed=1),
-            random_scene(2, 500, full=True, name="B2 G500 crowd", seed=2)]
+#: scene name -> how to make it. "huge" scenes (aerial / retail images with thousands of
+#: small objects) skip the per-image reference (a Python loop over 5,000 objects) and are
+#: timed with fewer repeats (see :data:`HUGE_REPEATS`).
+SCENES: dict[str, Callable[[], Scene]] = {
+    "B16 G20": lambda: random_scene(16, 20, name="B16 G20", seed=1),
+    "B2 G500 crowd": lambda: random_scene(2, 500, full=True, name="B2 G500 crowd", seed=2),
+    "B1 G5000 640px": lambda: random_scene(1, 5000, full=True, min_size=7.0, max_size=90.0,
+                                           name="B1 G5000 640px", seed=3),
+    "B1 G5000 1280px": lambda: random_scene(1, 5000, full=True, image_size=1280, min_size=7.0,
+                                            max_size=90.0, name="B1 G5000 1280px", seed=4),
+}
+HUGE_SCENES = ("B1 G5000 640px", "B1 G5000 1280px")
+#: at most this many timed runs per method in a huge scene (each call takes seconds).
+HUGE_REPEATS = 3
+
+
+def standard_scenes(names: Optional[tuple[str, ...]] = None) -> list[Scene]:
+    """The named scenes of :data:`SCENES`; by default the two everyday ones, (a) a training
+    batch and (b) a crowd (the benchmark itself also runs the two huge scenes)."""
+    return [SCENES[n]() for n in (names or ("B16 G20", "B2 G500 crowd"))]
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -235,43 +258,31 @@ class Row:
         return self.ref_ms / self.ms if self.ms and self.ref_ms else None
 
 
-def method_available(method: str) -> Optional[str]:
-    """None when ``method`` imports, else a one-line reason."""
-    from densedet.assign import ASSIGNERS
-
-    try:
-        module, cls = ASSIGNERS[method].split(":")
-        getattr(importlib.import_module(module), cls)
-        importlib.import_module(f"densedet.assign.reference.{method}")
-    except Exception as e:  # someone else's method may not have landed yet
-        return f"skipped: {type(e).__name__}: {e}"
-    return None
-
-
 def run_assign_benchmark(methods: tuple[str, ...] = ALL_METHODS, repeats: int = 5,
                          ref_repeats: int = 1, threads: Optional[int] = None,
                          device: str = "cpu", num_classes: int = 80, with_reference: bool = True,
-                         clock: str = "wall", out=sys.stdout) -> list[Row]:
-    """Time every method on the standard scenes and print a table to ``out``."""
+                         clock: str = "wall", scenes: Optional[tuple[str, ...]] = None,
+                         out=sys.stdout) -> list[Row]:
+    """Time every method on the standard scenes (or the named ones) and print a table to
+    ``out``."""
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    scenes = [s.to(dev) for s in standard_scenes()]
     rows: list[Row] = []
-    for scene in scenes:
+    for name in scenes or tuple(SCENES):
+        scene = SCENES[name]().to(dev)  # one scene in memory at a time
+        huge = name in HUGE_SCENES
         for method in methods:
-            reason = method_available(method)
-            if reason:
-                rows.append(Row(scene.name, method, note=reason))
-                continue
             row = Row(scene.name, method)
             try:
                 fn = batched_callable(method, scene, num_classes)
-                row.ms = median_ms(fn, repeats, dev, clock=clock)
+                row.ms = median_ms(fn, min(repeats, HUGE_REPEATS) if huge else repeats, dev,
+                                   clock=clock)
+                del fn  # and its scratch buffers
                 # the first call of a fresh assigner: scratch buffers an assigner keeps for
                 # its next call (``common.Workspace``) count towards its memory
                 row.peak_mb = peak_extra_mb(batched_callable(method, scene, num_classes), dev)
-                if with_reference:
+                if with_reference and not huge:
                     row.ref_ms = median_ms(reference_callable(method, scene, num_classes),
                                            ref_repeats, dev, warmup=0, clock=clock)
             except Exception as e:  # one broken method must not sink the whole table
@@ -283,9 +294,10 @@ def run_assign_benchmark(methods: tuple[str, ...] = ALL_METHODS, repeats: int = 
             rows.append(Row(scene.name, "ultralytics-tal",
                             note="skipped: ultralytics not installed"))
         else:
-            rows.append(Row(scene.name, "ultralytics-tal", ms=median_ms(ult, repeats, dev,
-                                                                        clock=clock),
-                            peak_mb=peak_extra_mb(ult, dev)))
+            ms = median_ms(ult, min(repeats, HUGE_REPEATS) if huge else repeats, dev,
+                           clock=clock)
+            rows.append(Row(scene.name, "ultralytics-tal", ms=ms, peak_mb=peak_extra_mb(ult, dev)))
+        del scene
     print(format_table(rows, threads=torch.get_num_threads(), device=dev,
                        clock=clock if dev.type != "cuda" else "wall"), file=out)
     return rows
@@ -316,8 +328,9 @@ def format_table(rows: list[Row], threads: int, device: torch.device, clock: str
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- CLI
-def add_assign_arguments(p: argparse.ArgumentParser) -> None:
+# ----------------------------------------------------------------------------- options
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``benchmarks/assign.py`` and ``densedet bench assign``."""
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS,
                    help="assigners to time (default: all)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each batched assigner")
@@ -328,36 +341,20 @@ def add_assign_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip the per-image loop")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time, or this process's CPU time (steadier on a shared machine)")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    add_assign_arguments(sub.add_parser("assign", help="time the assigners"))
-    # ---- `densedet bench train` goes here (owned by the training-speed engineer): register
-    # its parser, e.g. `train_speed.add_arguments(sub.add_parser("train", help=...))`, and
-    # dispatch to `densedet.engine.train_speed` in `run` below.
-    if importlib.util.find_spec("densedet.engine.train_speed") is not None:
-        train_speed = importlib.import_module("densedet.engine.train_speed")
-        if hasattr(train_speed, "add_arguments"):
-            train_speed.add_arguments(sub.add_parser("train", help="time training steps"))
+    p.add_argument("--scenes", nargs="+", default=list(SCENES), choices=list(SCENES),
+                   metavar="SCENE", help="scenes to run (default: all): "
+                   + ", ".join(repr(n) for n in SCENES))
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.bench == "assign":
-        run_assign_benchmark(tuple(dict.fromkeys(args.methods)), repeats=args.repeats,
-                             ref_repeats=args.ref_repeats, threads=args.threads,
-                             device=args.device, with_reference=not args.no_reference,
-                             clock=args.clock)
-        return 0
-    if args.bench == "train":  # ---- placeholder for the training-speed benchmark
-        return int(importlib.import_module("densedet.engine.train_speed").run(args) or 0)
-    raise SystemExit(f"unknown benchmark {args.bench!r}")
+    run_assign_benchmark(tuple(dict.fromkeys(args.methods)), repeats=args.repeats,
+                         ref_repeats=args.ref_repeats, threads=args.threads, device=args.device,
+                         with_reference=not args.no_reference, clock=args.clock,
+                         scenes=tuple(dict.fromkeys(args.scenes)))
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of ``benchmarks/assign.py``: the ``bench assign`` flags."""
     parser = argparse.ArgumentParser(description="time the assigners")
-    add_assign_arguments(parser)
-    args = parser.parse_args(argv)
-    args.bench = "assign"
-    return run(args)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -13,7 +13,8 @@ loss, backward, optimizer step; after ``--warmup`` untimed ones) give
 * ``data_ms``: median time to produce one augmented batch in this process,
 * ``assign_share``: summed ``LossOutput.assign_seconds`` / summed step time.
 
-``--ultralytics-budget S`` (only when ``ultralytics`` is installed) also trains YOLOv8n from
+``--ultralytics-budget S`` (only when ``ultralytics`` is installed, the ``compare`` extra;
+:mod:`densedet.bench.ultralytics`) also trains YOLOv8n from
 scratch (``YOLO("yolov8n.yaml")``) on the same images exported with
 :func:`densedet.data.yolo.write_yolo`, at the same image size and thread count, for ``S``
 seconds of wall clock, and densedet's ``--compare-preset`` (YOLOX-Nano) for the same budget, both
@@ -32,10 +33,11 @@ from typing import Optional
 
 import torch
 
+from densedet.bench.ultralytics import SCORE_KEYS, compare_ultralytics
+from densedet.config import PRESETS as CONFIG_PRESETS, preset_path
 from densedet.errors import DensedetError
 
-REPO = Path(__file__).resolve().parents[2]
-PRESETS = ["yolox_nano", "yolox_tiny", "yolox_s", "nanodet_plus_m", "fcos_r18", "lla_r18", "dw_r18"]
+PRESETS = list(CONFIG_PRESETS)
 
 
 def ensure_synth(root: Path, images: int, size: int) -> Path:
@@ -77,10 +79,10 @@ def measure_preset(preset: str, data: Path, size: int = 320, batch: int = 8, ite
                    warmup: int = 2, device: str = "cpu") -> dict:
     """Time ``iters`` training steps of ``configs/<preset>.yaml`` (see the module doc)."""
     from densedet.config import load_config
-    from densedet.engine.build import build_detector, count_params, read_split
+    from densedet.engine.build import assigner_name, build_detector, count_params, read_split
     from densedet.engine.trainer import build_optimizer
 
-    cfg = load_config(REPO / "configs" / f"{preset}.yaml",
+    cfg = load_config(preset_path(preset),
                       [f"data.root={data}", f"input_size={size}", f"train.batch_size={batch}"])
     dev = torch.device(device)
     index = read_split(cfg, cfg.data.train_split)
@@ -101,7 +103,7 @@ def measure_preset(preset: str, data: Path, size: int = 320, batch: int = 8, ite
             assign_s.append(out.assign_seconds)
     med = statistics.median(step_s)
     return {"preset": preset, "model": cfg.model.name, "size": cfg.model.size,
-            "assigner": cfg.assigner_name, "input": size, "batch": batch,
+            "assigner": assigner_name(cfg), "input": size, "batch": batch,
             "params_M": round(count_params(model) / 1e6, 2),
             "images_per_s": round(batch / med, 2), "step_ms": round(med * 1e3, 1),
             "data_ms": round(statistics.median(data_s[warmup:] or data_s) * 1e3, 1),
@@ -115,55 +117,6 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(" | ".join(str(r.get(h, "")) for h in head))
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- Ultralytics
-SCORE_KEYS = ("AP", "AP50", "VOC_mAP50")
-
-
-def train_yolov8n(yaml_path: Path, size: int, budget_s: float, out: Path, threads: int) -> Path:
-    """Train Ultralytics YOLOv8n from scratch (``yolov8n.yaml``) for ``budget_s`` seconds of
-    wall clock (its ``time`` option, in hours, overrides ``epochs``) with ``threads`` torch
-    threads. Returns the run folder."""
-    import ultralytics.utils.torch_utils as ultralytics_torch_utils
-    from ultralytics import YOLO
-
-    # its device selection calls torch.set_num_threads(NUM_THREADS) (min(8, cores - 1))
-    ultralytics_torch_utils.NUM_THREADS = threads
-
-    model = YOLO("yolov8n.yaml")
-    # an absolute project path: Ultralytics puts relative ones under its own runs folder
-    model.train(data=str(yaml_path), imgsz=size, epochs=1000, time=budget_s / 3600.0, device="cpu",
-                workers=1, pretrained=False, amp=False, project=str(out.resolve()), name="yolov8n",
-                exist_ok=True, plots=False, val=False, verbose=False)
-    return Path(model.trainer.save_dir)
-
-
-def score_yolov8n(run: Path, val_idx, size: int, num_train: int) -> dict:
-    """Score a finished YOLOv8n run (``run/weights/last.pt``) with densedet's evaluator on
-    ``val_idx``; epochs and seconds come from the run's ``results.csv`` (cumulative time at
-    the end of its last epoch, final validation included)."""
-    import csv
-
-    from ultralytics import YOLO
-
-    from densedet.evaluate import evaluate, metrics_to_json
-
-    rows = list(csv.DictReader(open(run / "results.csv")))
-    if not rows:
-        raise DensedetError(f"{run / 'results.csv'}: no finished epoch")
-    epochs, seconds = int(rows[-1]["epoch"]), float(rows[-1]["time"])
-    model = YOLO(str(run / "weights" / "last.pt"))
-    dets = []
-    for s in val_idx.samples:
-        r = model.predict(s.path, imgsz=size, conf=0.001, iou=0.65, max_det=100, verbose=False)[0]
-        for (x1, y1, x2, y2), sc, c in zip(r.boxes.xyxy.tolist(), r.boxes.conf.tolist(), r.boxes.cls.tolist()):
-            dets.append({"image_id": s.image_id, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1],
-                         "score": float(sc)})
-    metrics = metrics_to_json(evaluate(val_idx, dets))
-    return {"run": str(run), "seconds": round(seconds, 1), "epochs": epochs,
-            "images_per_s": round(epochs * num_train / max(seconds, 1e-9), 2),
-            **{k: metrics.get(k) for k in SCORE_KEYS}}
 
 
 def _budget_epochs(budget_s: float, epoch_s: float, eval_s: float) -> int:
@@ -208,7 +161,7 @@ def train_densedet_budget(data: Path, size: int, budget_s: float, out: Path, pre
     from densedet.engine.build import read_split
     from densedet.evaluate import metrics_to_json
 
-    cfg_path = REPO / "configs" / f"{preset}.yaml"
+    cfg_path = preset_path(preset)
     common = [f"data.root={data}", f"input_size={size}", "train.batch_size=16", "train.lr=0.08",
               "train.warmup_epochs=1", "data.num_workers=1"]
     num_train = len(read_split(load_config(cfg_path, common), "train").samples)
@@ -226,39 +179,6 @@ def train_densedet_budget(data: Path, size: int, budget_s: float, out: Path, pre
             "calibration": {"epoch_s": round(epoch_s, 1), "eval_s": round(eval_s, 1)},
             "images_per_s": round(epochs * num_train / max(seconds, 1e-9), 2),
             **{k: metrics.get(k) for k in SCORE_KEYS}}
-
-
-def compare_ultralytics(data: Path, size: int, budget_s: float, out: Path, threads: Optional[int] = None,
-                        yolov8n_run: Optional[Path] = None, preset: str = "yolox_nano",
-                        overrides: tuple[str, ...] = ()) -> Optional[dict]:
-    """YOLOv8n (Ultralytics, from scratch) vs densedet's ``preset``, same images, image size,
-    torch threads (``threads``, default Ultralytics' own CPU choice ``min(8, cores - 1)``), one
-    loader worker each and the same wall-clock budget, both scored by densedet's evaluator on
-    the val split. ``yolov8n_run``: score that finished run instead of training one (same
-    budget and threads assumed).
-    Returns None when ``ultralytics`` is not installed."""
-    try:
-        # Ultralytics' own CPU choice is min(8, cores - 1) torch threads (NUM_THREADS)
-        from ultralytics.utils import NUM_THREADS
-    except ImportError:
-        return None
-    threads = threads or NUM_THREADS
-    from densedet.data.readers import read_dataset
-    from densedet.data.yolo import write_yolo
-
-    classes = (data / "classes.txt").read_text().split()
-    train_idx = read_dataset(data, "voc", classes, split="train")
-    val_idx = read_dataset(data, "voc", classes, split="val")
-    if yolov8n_run is None:
-        yolo_root = out / "yolo"
-        write_yolo(train_idx, yolo_root, "train")
-        yolov8n_run = train_yolov8n(write_yolo(val_idx, yolo_root, "val"), size, budget_s, out, threads)
-    ultra = score_yolov8n(Path(yolov8n_run), val_idx, size, len(train_idx.samples))
-    torch.set_num_threads(threads)  # Ultralytics' predict resets it to NUM_THREADS
-    ours = train_densedet_budget(data, size, budget_s, out, preset, overrides)
-    return {"threads": threads, "loader_workers": 1, "imgsz": size, "budget_s": budget_s,
-            "ultralytics_yolov8n": ultra, f"densedet_{preset}": ours,
-            "images_per_s_ratio": round(ours["images_per_s"] / max(ultra["images_per_s"], 1e-9), 2)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -307,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"threads": threads, "device": args.device, "rows": rows}
     if args.ultralytics_budget:
         cmp = compare_ultralytics(data, args.size, args.ultralytics_budget, Path("runs/train_speed"),
-                                  args.threads, args.ultralytics_run, args.compare_preset, tuple(args.compare_overrides))
+                                  train_densedet_budget, args.threads, args.ultralytics_run, args.compare_preset, tuple(args.compare_overrides))
         if cmp is None:
             print("ultralytics not installed: YOLOv8n comparison skipped")
         else:

@@ -9,16 +9,26 @@ Two modes, exactly one per call:
 
 ``--json`` writes the metrics in both modes; in model mode ``--save-detections`` keeps the
 model's detections (COCO results format) for re-scoring later with the files mode.
+
+Box frames (:mod:`densedet.evaluate`, ``docs/eval.md``): a detections file scored against VOC
+ground truth is read in the VOC annotation's frame (1-based inclusive pixels, like the XML),
+which makes the VOC AP the devkit's; against COCO or YOLO ground truth in the continuous frame
+(COCO's). ``--save-detections`` writes VOC detections in the VOC frame, so re-scoring the file
+gives the model mode's numbers. A COCO json is scored without its images (sizes come from the
+json), as pycocotools does.
 """
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
+from densedet.engine import evaluate_model
+from densedet.engine.plots import plot_pr_curves
 from densedet.errors import DensedetError
-from densedet.evaluate import evaluate, format_report, write_metrics_json
+from densedet.evaluate import (evaluate, format_report, load_detections, read_ground_truth,
+                               write_metrics_json)
+
+MORE_WORDS = "config"  # `--weights W CONFIG a=1`: a bare word after the options is the config
 
 USAGE_ERROR = ("give either --ann GT and --detections DETS.json (score a detections file), "
                "or --weights W with an optional CONFIG and key=value overrides (score a model)")
@@ -50,62 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also draw per-class precision-recall curves (IoU 0.5) to this PNG")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT",
                         help="also write every metric (and the per-class table) to OUT")
-    _accept_late_overrides(parser)
-
-
-def _accept_late_overrides(parser: argparse.ArgumentParser) -> None:
-    """Let ``key=value`` overrides follow the options (``CONFIG --weights W a=1``).
-
-    A bare word containing ``=`` is an override unless it names an existing file.
-
-    argparse fills all positionals from the first run of bare words, so words after an
-    option come back as "unrecognized" and ``densedet`` (``parse_args``) would reject them.
-    The sub-parser's ``parse_known_args`` is wrapped on this instance only, to move such
-    words into ``config``/``overrides``; anything else stays unrecognized and errors as usual.
-    """
-    plain = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        ns, extras = plain(args, namespace)
-        config = getattr(ns, "config", None)
-        if config is not None and "=" in config and not Path(config).is_file():
-            # the first bare word was an override, not a config (`--weights W a=1`)
-            ns.config, ns.overrides = None, [config, *(ns.overrides or [])]
-        rest = []
-        for word in extras:
-            if word.startswith("-"):
-                rest.append(word)
-            elif "=" in word:
-                ns.overrides = [*(ns.overrides or []), word]
-            elif getattr(ns, "config", None) is None:
-                ns.config = word
-            else:
-                rest.append(word)
-        return ns, rest
-
-    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
-
-
-def load_detections(path: str | Path) -> list[dict]:
-    """Read a COCO results json (a list of entries); entries are validated by ``evaluate``.
-
-    Raises:
-        DensedetError: unreadable file, invalid JSON (with line/column), or not a list.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise DensedetError(f"{path}: cannot read detections: {e.strerror or e}") from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DensedetError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: "
-                            f"{e.msg}") from e
-    if not isinstance(data, list):
-        raise DensedetError(f"{path}: expected a JSON list of detections (COCO results "
-                            f"format), got {type(data).__name__}")
-    return data
 
 
 def _parse_classes(text: str | None) -> list[str] | None:
@@ -139,28 +93,16 @@ def _check_mode(args: argparse.Namespace) -> str:
 
 
 def _run_files(args: argparse.Namespace) -> dict:
-    from densedet.data.readers import read_dataset  # lazy: only this mode needs the readers
-
-    gt = read_dataset(args.ann, fmt=args.format, classes=_parse_classes(args.classes),
-                      split=args.split)
-    return evaluate(gt, load_detections(args.detections), source=str(args.detections))
+    gt = read_ground_truth(args.ann, args.format, _parse_classes(args.classes), args.split)
+    # a VOC detections file is in the annotation's own pixel frame (the devkit's)
+    frame = "voc" if gt.fmt == "voc" else "continuous"
+    return evaluate(gt, load_detections(args.detections), source=str(args.detections),
+                    det_frame=frame)
 
 
 def _run_model(args: argparse.Namespace) -> dict:
-    """Model mode: delegate to the engine.
-
-    Engine API used (``densedet.engine``)::
-
-        evaluate_model(config_path: str | None, weights: str, split: str | None,
-                       overrides: list[str], json_out: str | None, device: str) -> dict
-
-    It builds the model from ``config_path`` (or the config stored in the checkpoint when
-    ``None``) plus ``key=value`` overrides, predicts on ``split`` (``None``: the config's
-    validation split), writes the *detections* to ``json_out`` when given and returns
-    :func:`densedet.evaluate.evaluate`'s dict.
-    """
-    from densedet.engine import evaluate_model  # lazy: torch/model code only for this mode
-
+    """Model mode: :func:`densedet.engine.evaluate_model` (the config stored in the checkpoint
+    when no CONFIG is given)."""
     return evaluate_model(args.config, args.weights, args.split, list(args.overrides),
                           args.save_detections, device=args.device)
 
@@ -174,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
         write_metrics_json(metrics, args.json_out)
         print(f"metrics written to {args.json_out}")
     if args.pr_plot:
-        from densedet.engine.plots import plot_pr_curves
         print(f"precision-recall curves written to {plot_pr_curves(metrics, args.pr_plot)}")
     if mode == "model" and args.save_detections:
         print(f"detections written to {args.save_detections}")

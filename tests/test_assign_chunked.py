@@ -1,0 +1,155 @@
+"""Huge scenes are assigned a chunk of objects at a time (``common.object_chunks``, bounded by
+``common.MAX_CHUNK_PAIRS``): the chunking is an implementation detail, so any budget must give
+the same assignment as the default single chunk, and both must still equal the per-image
+reference on scenes with hundreds of objects."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from densedet.assign import build_assigner, common
+from densedet.assign.reference import run_per_image
+from densedet.priors import feature_sizes, make_priors
+
+#: every assigner that walks objects in chunks, with parameter variants that change its path
+CASES = [
+    ("fcos", {}), ("fcos", {"center_sampling": False}),
+    ("atss", {}), ("atss", {"topk": 3}),
+    ("simota", {}), ("simota", {"center_only": True, "center_radius": 1.5}),
+    ("dsl", {}), ("dsl", {"soft_center_prior": True}),
+    ("lla", {}),
+    ("dw", {}),
+    ("tal", {}), ("tal", {"topk": 3, "beta": 2.5}),
+]
+FIELDS = ("quality", "pos_weight", "neg_weight", "centerness", "align_target")
+
+
+def make_scene(seed: int, B: int = 3, G: int = 40, C: int = 4, hw=(64, 96), lo: float = 6.0,
+               hi: float = 40.0):
+    """A padded batch with conflicts: many overlapping objects of similar size (log-uniform
+    sides in [lo, hi]), some partly outside the image, a zero-area box, padding rows with
+    garbage boxes and labels, and (B > 1) one image without objects."""
+    gen = torch.Generator().manual_seed(seed)
+    strides = (8, 16, 32)
+    priors = make_priors(feature_sizes(hw, strides), strides)
+    A = priors.shape[0]
+    H, W = hw
+    wh = torch.exp(torch.empty(B, G, 2).uniform_(math.log(lo), math.log(hi), generator=gen))
+    centre = torch.rand(B, G, 2, generator=gen) * torch.tensor([W + 10.0, H + 10.0]) - 5
+    gt = torch.cat([centre - wh / 2, centre + wh / 2], dim=-1)
+    gt[:, 0, 2] = gt[:, 0, 0]  # zero width
+    labels = torch.randint(0, C, (B, G), generator=gen)
+    n_valid = torch.randint(G // 2, G + 1, (B,), generator=gen)
+    if B > 1:
+        n_valid[-1] = 0
+    valid = torch.arange(G)[None] < n_valid[:, None]
+    labels = torch.where(valid, labels, -1)
+    ltrb = torch.exp(torch.randn(B, A, 4, generator=gen) * 0.8) * priors[:, 2, None] * 1.5
+    boxes = priors[:, :2].repeat(1, 2) + ltrb * torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    scores = torch.rand(B, A, C, generator=gen) * 0.98 + 0.01
+    return (priors, scores, boxes, gt, labels, valid), C
+
+
+def assert_same(a, b):
+    assert torch.equal(a.gt_index, b.gt_index)
+    assert torch.equal(a.labels, b.labels)
+    assert torch.equal(a.candidate_mask, b.candidate_mask)
+    for field in FIELDS:
+        x, y = getattr(a, field), getattr(b, field)
+        assert (x is None) == (y is None), field
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=field)
+
+
+# ---------------------------------------------------------------------------- object_chunks
+def test_object_chunks_cover_the_objects_within_the_budget():
+    for B, G, A, budget in [(1, 5000, 8400, 1 << 24), (1, 5000, 33600, 1 << 24), (2, 7, 10, 25),
+                            (3, 10, 1, 4), (1, 3, 5, 1), (4, 1, 100, 1)]:
+        chunks = common.object_chunks(B, G, A, budget)
+        assert chunks[0].start == 0 and chunks[-1].stop == G
+        assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+        sizes = [c.stop - c.start for c in chunks]
+        assert min(sizes) >= 1
+        assert max(sizes) == sizes[0] and len(set(sizes[:-1])) <= 1  # equal but the last
+        # within the budget unless one object alone is over it
+        assert all(B * s * A <= budget for s in sizes) or sizes == [1] * G
+    assert len(common.object_chunks(1, 5000, 8400)) == 3
+    assert len(common.object_chunks(1, 5000, 33600)) == 11
+    assert common.object_chunks(2, 0, 8400) == []
+
+
+def test_everyday_batches_are_one_chunk():
+    assert common.object_chunks(16, 20, 8400) == [slice(0, 20)]
+    assert common.object_chunks(2, 500, 8400) == [slice(0, 500)]
+
+
+# ------------------------------------------------------------------ chunked == single chunk
+@pytest.mark.parametrize("budget_objects", [1, 3, 7])
+@pytest.mark.parametrize("ensure", [False, True])
+@pytest.mark.parametrize("name,params", CASES)
+def test_tiny_chunk_budget_gives_the_same_assignment(name, params, ensure, budget_objects,
+                                                     monkeypatch):
+    for seed in (0, 1):
+        args, C = make_scene(seed)
+        B, G, A = args[3].shape[0], args[3].shape[1], args[0].shape[0]
+        whole = build_assigner(name, C, ensure_each_gt=ensure, **params)(*args)
+        assert len(common.object_chunks(B, G, A)) == 1
+        # budget_objects objects per chunk (the last chunk shorter when it does not divide G)
+        monkeypatch.setattr(common, "MAX_CHUNK_PAIRS", budget_objects * B * A)
+        assert len(common.object_chunks(B, G, A)) == math.ceil(G / budget_objects)
+        chunked = build_assigner(name, C, ensure_each_gt=ensure, **params)(*args)
+        monkeypatch.undo()
+        assert whole.pos_mask.any()
+        assert_same(whole, chunked)
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_chunks_and_prior_blocks_together(name, params, monkeypatch):
+    """Chunks of objects with tiny blocks of priors inside them (both loops at once)."""
+    args, C = make_scene(5, B=2, G=25)
+    whole = build_assigner(name, C, **params)(*args)
+    A = args[0].shape[0]
+    monkeypatch.setattr(common, "MAX_CHUNK_PAIRS", 4 * 2 * A)
+    monkeypatch.setattr(common, "BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(common, "MIN_BLOCK_PRIORS", 1)
+    assert_same(whole, build_assigner(name, C, **params)(*args))
+
+
+@pytest.mark.parametrize("name", ["simota", "dsl", "lla", "dw", "tal"])
+def test_scratch_buffers_are_one_chunk(name, monkeypatch):
+    """With a budget, the scratch an assigner keeps between calls is one chunk's size, not
+    ``[B, G, A]`` (what bounds the memory of huge scenes)."""
+    args, C = make_scene(2, B=2, G=30)
+    B, G, A = 2, 30, args[0].shape[0]
+    monkeypatch.setattr(common, "MAX_CHUNK_PAIRS", 8 * B * A)  # 8 objects per chunk
+    assigner = build_assigner(name, C)
+    assigner(*args)
+    sizes = [buf.numel() for buf in assigner._workspace._buffers.values()]
+    assert sizes and max(sizes) == 8 * B * A
+
+
+# ------------------------------------------------------------- hundreds of objects: reference
+@pytest.mark.parametrize("budget", [None, 16])
+@pytest.mark.parametrize("name,params", CASES)
+def test_batched_equals_reference_with_hundreds_of_objects(name, params, budget, monkeypatch):
+    """G = 300 objects on a small grid (A = 84): crowded, many conflicts; batched (one chunk,
+    or chunks of 16 objects) against the per-image reference."""
+    args, C = make_scene(11, B=2, G=300, C=3, hw=(64, 64), lo=4.0, hi=24.0)
+    if budget is not None:
+        monkeypatch.setattr(common, "MAX_CHUNK_PAIRS", budget * 2 * args[0].shape[0])
+    out = build_assigner(name, C, **params)(*args)
+    ref = run_per_image(name, *args, num_classes=C, **params)
+    assert torch.equal(out.gt_index, ref["gt_index"])
+    assert torch.equal(out.labels, ref["labels"])
+    torch.testing.assert_close(out.quality, ref["quality"], rtol=0, atol=1e-5)
+    assert torch.equal(out.candidate_mask, ref["candidate_mask"].bool())
+    if name == "fcos":
+        torch.testing.assert_close(out.centerness, ref["centerness"], rtol=0, atol=1e-6)
+    if name == "tal":
+        torch.testing.assert_close(out.align_target, ref["align_target"], rtol=1e-4, atol=1e-6)
+    if name == "dw":
+        torch.testing.assert_close(out.pos_weight, ref["pos_weight"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(out.neg_weight, ref["neg_weight"], rtol=1e-5, atol=1e-6)
+    assert out.gt_index[0][out.gt_index[0] >= 0].unique().numel() > 30  # conflicts happened
