@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # densedet end to end on a fresh machine, CPU only (about 15 minutes on 2 cores):
-#   environment (.venv) -> synthetic dataset -> train YOLOX-Nano -> evaluate -> predict -> loss plot
-#   -> (when available) a picture of what each assigner decides.
+#   environment (.venv) -> synthetic dataset -> train YOLOX-Nano (writes the loss plot)
+#   -> evaluate -> predict -> a picture of what each assigner decides.
 # Every knob is a variable below; override from the environment, e.g.
 #   EPOCHS=5 IMAGES=200 scripts/demo.sh
 set -euo pipefail
@@ -48,7 +48,7 @@ densedet synth "$DATA" --images "$IMAGES" --size "$IMAGE_SIZE" --seed "$SEED" --
 
 echo "== train $CONFIG for $EPOCHS epochs at ${INPUT_SIZE}px -> $OUT"
 start=$(date +%s)
-densedet train "$CONFIG" \
+densedet train "$CONFIG" --force \
   data.root="$DATA" output_dir="$OUT" input_size="$INPUT_SIZE" \
   train.epochs="$EPOCHS" train.no_aug_epochs="$NO_AUG_EPOCHS" train.warmup_epochs="$WARMUP_EPOCHS" \
   train.batch_size="$BATCH" train.lr="$LR" train.eval_interval="$EVAL_INTERVAL" \
@@ -65,16 +65,10 @@ images=()
 for s in "${stems[@]}"; do images+=("$DATA/JPEGImages/$s.jpg"); done
 densedet predict --weights "$OUT/best.pt" "${images[@]}" --out "$OUT/predictions" --score-thresh 0.15
 
-echo "== loss plot -> $OUT/loss.png"
-python -m densedet.engine.plots "$OUT/log.csv" "$OUT/loss.png" "$OUT/metrics.json"
-
-if python -c "import densedet.viz" 2>/dev/null; then
-  echo "== assignment picture (trained model's predictions) -> $OUT/assignments.png"
-  first=$(head -n 1 "$DATA/ImageSets/Main/val.txt")
-  densedet assign-viz "$CONFIG" data.root="$DATA" input_size="$INPUT_SIZE" model.params="$MODEL_PARAMS" \
-    --image "$first" \
-    --weights "$OUT/best.pt" --out "$OUT/assignments.png" || echo "(assign-viz failed; skipped)"
-fi
+echo "== assignment picture (trained model's predictions) -> $OUT/assignments.png"
+first=$(head -n 1 "$DATA/ImageSets/Main/val.txt")
+densedet assign-viz "$CONFIG" data.root="$DATA" input_size="$INPUT_SIZE" model.params="$MODEL_PARAMS" \
+  --image "$first" --weights "$OUT/best.pt" --out "$OUT/assignments.png"
 
 echo "== done: $OUT/{best.pt,metrics.json,log.csv,loss.png,predictions/}"
 python - "$OUT/metrics.json" <<'EOF'

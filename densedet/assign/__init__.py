@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from densedet.assign.base import Assigner, Assignment
+from densedet.assign.base import Assigner, Assignment, trains_with
 
 # name -> "module:Class"; imported on first use so that building one method does not
 # import the others.
@@ -32,6 +32,11 @@ def assigner_class(name: str) -> type[Assigner]:
     return getattr(importlib.import_module(module), cls)
 
 
+def assigners_for(head_needs: frozenset[str]) -> tuple[str, ...]:
+    """Registered methods a head needing the Assignment fields ``head_needs`` trains with."""
+    return tuple(n for n in ASSIGNERS if trains_with(head_needs, assigner_class(n).provides))
+
+
 def build_assigner(name: str, num_classes: int, **params) -> Assigner:
     """Build the assigner ``name`` for ``num_classes`` classes with its parameters (docs/design.md)."""
     cls = assigner_class(name)
@@ -41,4 +46,5 @@ def build_assigner(name: str, num_classes: int, **params) -> Assigner:
         raise TypeError(f"assigner {name!r}: {e}") from None
 
 
-__all__ = ["ASSIGNERS", "Assigner", "Assignment", "assigner_class", "build_assigner"]
+__all__ = ["ASSIGNERS", "Assigner", "Assignment", "assigner_class", "assigners_for", "build_assigner",
+           "trains_with"]

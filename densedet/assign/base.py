@@ -44,6 +44,18 @@ class Assignment:
         return Assignment(**kw)
 
 
+# Soft weights change what a loss optimises: a head that ignores them would train another
+# method under this one's name, so a method that provides them needs a head that reads them.
+SOFT_WEIGHTS = frozenset({"pos_weight", "neg_weight"})
+
+
+def trains_with(head_needs: frozenset[str], provides: frozenset[str]) -> bool:
+    """Whether a head whose loss needs the Assignment fields ``head_needs`` can train with a
+    method that fills ``provides``: every needed field is there, and any soft weights the
+    method defines are read by the head."""
+    return head_needs <= provides and (provides & SOFT_WEIGHTS) <= head_needs
+
+
 class Assigner:
     """Base class: validates shapes, runs ``assign`` in float32 without autograd.
 
@@ -55,6 +67,9 @@ class Assigner:
     name: str = ""
     #: whether the method reads predictions (the dynamic ones) or only geometry.
     uses_predictions: bool = True
+    #: the optional :class:`Assignment` fields this method fills (beyond gt_index, labels,
+    #: quality); heads declare what they need and compatibility follows (:func:`trains_with`).
+    provides: frozenset[str] = frozenset()
 
     def __init__(self, num_classes: int):
         if not isinstance(num_classes, int) or num_classes < 1:

@@ -68,6 +68,7 @@ class DWAssigner(Assigner):
     """Dual-weighting assigner; see the module docstring for the exact rule."""
 
     name = "dw"
+    provides = frozenset({"pos_weight", "neg_weight"})
 
     def __init__(self, num_classes: int, sigma: float = 1.11, ensure_each_gt: bool = False):
         super().__init__(num_classes)

@@ -83,6 +83,7 @@ class FCOSAssigner(Assigner):
     """mmdet FCOS targets; see the module docstring for the exact rule."""
 
     name = "fcos"
+    provides = frozenset({"centerness"})
     uses_predictions = False
 
     def __init__(self, num_classes: int, center_sampling: bool = True, center_radius: float = 1.5,

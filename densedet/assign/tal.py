@@ -66,6 +66,7 @@ class TALAssigner(Assigner):
     """Task-aligned assigner; see the module docstring for the exact rule."""
 
     name = "tal"
+    provides = frozenset({"align_target"})
 
     def __init__(self, num_classes: int, topk: int = 13, alpha: float = 1.0, beta: float = 6.0,
                  ensure_each_gt: bool = False):

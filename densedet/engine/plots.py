@@ -1,11 +1,12 @@
 """Training curves from ``OUTPUT_DIR/log.csv`` (matplotlib, no display needed).
 
-    python -m densedet.engine.plots runs/demo/log.csv runs/demo/loss.png
+    plot_losses("runs/demo/log.csv", "runs/demo/loss.png", "runs/demo/metrics.json")
+
+(``densedet train`` writes ``OUTPUT_DIR/loss.png`` with it at the end of every run.)
 """
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 from densedet.errors import DensedetError
@@ -81,18 +82,6 @@ def plot_losses(log_csv: str | Path, out_png: str | Path, metrics_json: str | Pa
         axes[2].legend(fontsize=8)
         axes[2].grid(alpha=0.3)
     return save_figure(fig, out_png, dpi=100)
-
-
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    if len(args) not in (2, 3):
-        print("usage: python -m densedet.engine.plots LOG_CSV OUT_PNG [METRICS_JSON]", file=sys.stderr)
-        sys.exit(2)
-    try:
-        print(f"wrote {plot_losses(*args)}")
-    except DensedetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 def plot_pr_curves(metrics: dict, out_png: str | Path, iou: float = 0.5) -> Path:

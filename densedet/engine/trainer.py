@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from densedet.config import Config, config_to_dict, load_config
+from densedet.config import Config, config_from_dict, config_to_dict, load_config
 from densedet.engine import distributed as dist_utils
 from densedet.engine.build import (assigner_name, build_detector, check_index, count_gflops, count_params,
                                    read_split, resolve_device)
@@ -46,6 +46,7 @@ from densedet.engine.checkpoint import (inference_state_dict, load_checkpoint, l
                                         remove_stale_tmp, rng_state, save_atomic, set_rng_state)
 from densedet.engine.ema import ModelEMA, unwrap
 from densedet.engine.inference import evaluate_on, headline
+from densedet.engine.plots import plot_losses
 from densedet.engine.runlog import CsvLog, tensorboard_writer
 from densedet.engine.schedule import WarmCosSchedule
 from densedet.errors import DensedetError
@@ -577,6 +578,7 @@ class Trainer:
             tmp = self.out / f".metrics.json.{os.getpid()}.tmp"  # pid: see remove_stale_tmp
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")
             os.replace(tmp, self.out / "metrics.json")
+            plot_losses(self.out / "log.csv", self.out / "loss.png", self.out / "metrics.json")
             self.log(f"done in {seconds:.0f}s; best epoch {self.best_epoch}: {headline(self.best_metrics)}; "
                      f"wrote {self.out / 'best.pt'}, {self.out / 'last.pt'}, {self.out / 'metrics.json'}")
             return metrics
@@ -594,7 +596,6 @@ def train(cfg: Config | str | Path, overrides: Optional[list[str]] = None, resum
     if not isinstance(cfg, Config):
         cfg = load_config(cfg, overrides or [])
     elif overrides:
-        from densedet.config import config_from_dict
         cfg = config_from_dict(config_to_dict(cfg), overrides)
     try:
         return Trainer(cfg, resume=resume, weights=weights, log=log, force=force).train()

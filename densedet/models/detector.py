@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from densedet.assign import Assigner, Assignment
+from densedet.assign import Assigner, Assignment, assigners_for
 from densedet.priors import make_priors
 
 
@@ -47,8 +47,14 @@ class Head(nn.Module):
     """What every head provides. ``raw`` is a dict of flattened outputs ``[B, A, ...]``."""
 
     num_classes: int
-    #: assigner names this head can train with (its loss reads their outputs).
-    compatible_assigners: tuple[str, ...] = ()
+    #: optional Assignment fields the loss needs (DW: its pair weights); the methods this
+    #: head trains with follow from it (:attr:`compatible_assigners`).
+    needs: frozenset[str] = frozenset()
+
+    @property
+    def compatible_assigners(self) -> tuple[str, ...]:
+        """Registered assigners whose outputs this head's loss can train with."""
+        return assigners_for(self.needs)
 
     def decode(self, raw: dict[str, Tensor], priors: Tensor) -> tuple[Tensor, Tensor]:
         """Scores ``[B, A, C]`` (probabilities) and boxes ``[B, A, 4]`` xyxy for inference."""

@@ -53,7 +53,7 @@ class DWHead(FCOSHead):
     Defaults: ``prior_prob=0.02``, ``reg_bias=4.0``.
     """
 
-    compatible_assigners = ("dw",)
+    needs = frozenset({"pos_weight", "neg_weight"})  # the DW loss is built on its pair weights
 
     def __init__(self, num_classes: int, width: int, *args, box_refine: bool = True,
                  pos_cls_weight: float = 0.25, box_weight: float = 1.25,

@@ -92,7 +92,6 @@ class FCOSHead(Head):
     ``<quality_key> [B, A]``.
     """
 
-    compatible_assigners = ("fcos", "atss", "simota", "dsl", "lla", "tal", "ota")
     #: name of the quality branch's output in ``raw``.
     quality_key = "centerness_logits"
 

@@ -35,7 +35,6 @@ class LLAHead(FCOSHead):
     ``raw`` keys: ``cls_logits``, ``distances``, ``iou_logits [B, A]``.
     """
 
-    compatible_assigners = ("lla", "simota", "dsl", "tal", "atss", "fcos", "ota")
     quality_key = "iou_logits"
 
     def __init__(self, num_classes: int, width: int, *args, box_weight: float = 2.0,

@@ -145,7 +145,6 @@ class NanoDetPlusHead(Head):
         qfl_weight, giou_weight, dfl_weight: loss weights.
     """
 
-    compatible_assigners = ("dsl", "simota", "tal", "lla", "atss", "fcos", "ota")
     # Not "dw": its soft pair weights and per-class negative weights need DW's own loss.
 
     def __init__(self, num_classes: int, in_channels: int, num_levels: int = 4, feat_channels: int = 96,

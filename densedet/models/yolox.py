@@ -66,7 +66,6 @@ class YOLOXHead(Head):
             overflow (``exp(8) * 32`` px is far beyond any image).
     """
 
-    compatible_assigners = ("simota", "dsl", "lla", "tal", "atss", "fcos", "ota")
     # Not "dw": DW's assignment is soft pair weights [B, G, A] and per-class negative
     # weights that need DW's own loss; this loss reads only gt_index / labels / quality.
 
