@@ -24,9 +24,17 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import cv2
 import numpy as np
 import torch
 
+from densedet.data.dataset import DetectionDataset
+from densedet.data.image import ImageError, read_image
+from densedet.data.index import image_size
+from densedet.data.loader import collate
+from densedet.data.sample import Sample
+from densedet.data.transforms import unletterbox_boxes
+from densedet.engine.build import model_from_weights, resolve_device
 from densedet.errors import DensedetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -57,8 +65,6 @@ def _colour(label: int) -> tuple[int, int, int]:
 
 def draw_detections(image_bgr: np.ndarray, dets: list[dict]) -> np.ndarray:
     """Boxes and ``class score`` labels drawn on a copy of a BGR image."""
-    import cv2
-
     out = image_bgr.copy()
     thick = max(1, round(min(out.shape[:2]) / 300))
     for d in dets:
@@ -82,11 +88,6 @@ def predict_images(model, cfg, classes: list[str], paths: list[Path], device: to
     Returns ``(results, errors)``: a result per image that decoded, in ``paths`` order, and
     ``{"file", "error"}`` per image that did not, so one bad file does not stop the others.
     """
-    from densedet.data.dataset import DetectionDataset
-    from densedet.data.loader import collate
-    from densedet.data.index import image_size
-    from densedet.data.sample import Sample
-    from densedet.data.transforms import unletterbox_boxes
 
     samples = []
     for i, p in enumerate(paths):
@@ -123,7 +124,6 @@ def predict_images(model, cfg, classes: list[str], paths: list[Path], device: to
 
 def _error_record(path: str, err: DensedetError) -> dict:
     """``{"file", "error"}`` for detections.json; the message without the leading path."""
-    from densedet.data.image import ImageError
 
     message = err.reason if isinstance(err, ImageError) else str(err)
     if message.startswith(f"{path}: "):
@@ -139,11 +139,6 @@ def predict(weights: str, sources: list[str], out: str | Path = "runs/predict", 
     Returns what was written to ``detections.json`` (layout in the module doc); images that
     could not be read are in its ``errors`` list, not raised.
     """
-    import cv2
-
-    from densedet.data.image import ImageError, read_image
-    from densedet.engine.build import model_from_weights, resolve_device
-
     dev = resolve_device(device)
     model, cfg, classes = model_from_weights(weights, config, overrides, device=dev)
     paths = collect_images(sources)

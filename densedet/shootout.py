@@ -17,9 +17,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from densedet.assign import build_assigner
 from densedet.config import load_config
+from densedet.data.dataset import DetectionDataset
+from densedet.data.loader import collate
 from densedet.engine import train
-
+from densedet.engine.build import model_from_weights, read_split
+from densedet.models import build_model
 
 COLUMNS = ("assigner", "seed", "AP", "AP50", "pos_per_object", "objects_without_pos",
            "assign_ms_per_iter", "wall_s")
@@ -43,10 +47,6 @@ def assignment_stats(weights: Path, assigner_name: str, assigner_params: dict,
     Returns ``pos_per_object`` (mean positives per valid object) and ``objects_without_pos``
     (fraction of valid objects with no positive prior).
     """
-    from densedet.assign import build_assigner
-    from densedet.data.dataset import DetectionDataset
-    from densedet.data.loader import collate
-    from densedet.engine.build import model_from_weights, read_split
 
     model, cfg, classes = model_from_weights(weights, log=lambda *_: None)
     index = read_split(cfg, split if split is not None else cfg.data.val_split, classes=classes)
@@ -173,7 +173,6 @@ def bar_plot(summary: list[dict], path: Path, title: str = "") -> Path:
 def compatible_assigners(cfg) -> tuple[str, ...]:
     """The assigners the configured model's head can train with (built on the meta device:
     nothing is allocated)."""
-    from densedet.models import build_model
 
     with torch.device("meta"):
         model = build_model(cfg.model.name, num_classes=1, size=cfg.model.size, **cfg.model.params)
@@ -184,7 +183,6 @@ def shootout(config: str, assigners: Sequence[str], overrides: Sequence[str] = (
              epochs: Optional[int] = None, seeds: Sequence[int] = (0,), out: str | Path = "runs/shootout",
              command: str = "", log=print) -> list[dict]:
     """Train once per (assigner, seed); write ``shootout.md``, ``.json`` and ``.png`` in ``out``."""
-    from densedet.config import load_config
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

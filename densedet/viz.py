@@ -16,8 +16,12 @@ from torch import Tensor
 
 from densedet.assign import Assignment, build_assigner
 from densedet.boxes import box_iou, box_to_distance
+from densedet.config import load_config
+from densedet.data.dataset import DetectionDataset
+from densedet.engine.build import build_detector, model_from_weights, read_split
+from densedet.engine.plots import save_figure
 from densedet.errors import DensedetError
-
+from densedet.priors import level_ids, priors_for_input
 
 
 def standin_predictions(priors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
@@ -167,7 +171,6 @@ def draw_assignments(image: np.ndarray, gt_boxes: Tensor, gt_labels: Tensor,
         ax.set_title(f"{name}: {int(pos.sum())} pos, {empty}/{G} objects empty", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    from densedet.engine.plots import save_figure
 
     return save_figure(fig, out_path)
 
@@ -182,10 +185,6 @@ def assign_viz(config: str, overrides: Sequence[str], image_id: str, names: Sequ
     head cannot train with are still drawn: assignment only needs scores and boxes.
     Returns the PNG path and the Markdown table (also written beside the PNG as ``.md``).
     """
-    from densedet.config import load_config
-    from densedet.data.dataset import DetectionDataset
-    from densedet.engine.build import build_detector, model_from_weights, read_split
-    from densedet.priors import level_ids, priors_for_input
 
     if weights:
         model, cfg, classes = model_from_weights(weights, config, list(overrides), log=lambda *_: None)

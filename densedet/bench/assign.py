@@ -21,7 +21,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from densedet.assign import ASSIGNERS
+from densedet.assign import ASSIGNERS, build_assigner
+from densedet.assign.reference import run_per_image
+from densedet.priors import feature_sizes, make_priors
 
 ALL_METHODS = tuple(ASSIGNERS)
 STRIDES = (8, 16, 32)
@@ -61,7 +63,6 @@ def random_scene(batch: int, max_objects: int, num_classes: int = 80, image_size
     the object jittered by up to 20 % of its size for priors inside an object, else a random
     box of a few strides around the prior.
     """
-    from densedet.priors import feature_sizes, make_priors
 
     g = torch.Generator().manual_seed(seed)
     priors = make_priors(feature_sizes((image_size, image_size), strides), strides)
@@ -217,16 +218,12 @@ def median_ms(fn: Callable[[], object], repeats: int, device: torch.device,
 
 # ----------------------------------------------------------------------------- callables
 def batched_callable(method: str, scene: Scene, num_classes: int) -> Callable[[], object]:
-    from densedet.assign import build_assigner
-
     assigner = build_assigner(method, num_classes=num_classes)
     args = scene.args()
     return lambda: assigner(*args)
 
 
 def reference_callable(method: str, scene: Scene, num_classes: int) -> Callable[[], object]:
-    from densedet.assign.reference import run_per_image
-
     args = scene.args()
     return lambda: run_per_image(method, *args, num_classes=num_classes)
 

@@ -34,15 +34,23 @@ from typing import Optional
 import torch
 
 from densedet.bench.ultralytics import SCORE_KEYS, compare_ultralytics
-from densedet.config import PRESETS as CONFIG_PRESETS, preset_path
+from densedet.config import PRESETS as CONFIG_PRESETS
+from densedet.config import load_config, preset_path
+from densedet.data.dataset import DetectionDataset
+from densedet.data.loader import collate
+from densedet.data.synth import make_synth
+from densedet.data.transforms import AugmentConfig
+from densedet.engine import evaluate_model, train
+from densedet.engine.build import assigner_name, build_detector, count_params, read_split
+from densedet.engine.trainer import build_optimizer
 from densedet.errors import DensedetError
+from densedet.evaluate import metrics_to_json
 
 PRESETS = list(CONFIG_PRESETS)
 
 
 def ensure_synth(root: Path, images: int, size: int) -> Path:
     if not (root / "Annotations").is_dir():
-        from densedet.data.synth import make_synth
         make_synth(root, images=images, size=size, seed=0)
     return root
 
@@ -50,9 +58,6 @@ def ensure_synth(root: Path, images: int, size: int) -> Path:
 def sample_batches(cfg, index, batch: int, n: int, seed: int = 0) -> tuple[list, list[float]]:
     """``n`` collated augmented batches of ``batch`` training images (drawn with ``seed``) and
     the seconds each took to produce."""
-    from densedet.data.dataset import DetectionDataset
-    from densedet.data.loader import collate
-    from densedet.data.transforms import AugmentConfig
 
     dataset = DetectionDataset(index.samples, cfg.input_hw, augment=AugmentConfig(**cfg.augment.model_dump()))
     g = torch.Generator().manual_seed(seed)
@@ -78,9 +83,6 @@ def train_step(model, optimizer, images, targets):
 def measure_preset(preset: str, data: Path, size: int = 320, batch: int = 8, iters: int = 5,
                    warmup: int = 2, device: str = "cpu") -> dict:
     """Time ``iters`` training steps of ``configs/<preset>.yaml`` (see the module doc)."""
-    from densedet.config import load_config
-    from densedet.engine.build import assigner_name, build_detector, count_params, read_split
-    from densedet.engine.trainer import build_optimizer
 
     cfg = load_config(preset_path(preset),
                       [f"data.root={data}", f"input_size={size}", f"train.batch_size={batch}"])
@@ -135,9 +137,6 @@ def _calibrate(cfg_path: Path, overrides: list[str], out: Path) -> tuple[float, 
     """Seconds per epoch of the training loop and per evaluation, from one real epoch."""
     import csv
 
-    from densedet.config import load_config
-    from densedet.engine import train
-
     t0 = time.perf_counter()
     train(load_config(cfg_path, [*overrides, f"output_dir={out}", "train.epochs=1", "train.no_aug_epochs=0"]))
     seconds = time.perf_counter() - t0
@@ -156,10 +155,6 @@ def train_densedet_budget(data: Path, size: int, budget_s: float, out: Path, pre
     """densedet's ``preset`` for the epochs that fit ``budget_s`` (calibrated on one real epoch
     of the same run, not counted), then scored on the val split; ``overrides`` go after the
     harness's own."""
-    from densedet.config import load_config
-    from densedet.engine import evaluate_model, train
-    from densedet.engine.build import read_split
-    from densedet.evaluate import metrics_to_json
 
     cfg_path = preset_path(preset)
     common = [f"data.root={data}", f"input_size={size}", "train.batch_size=16", "train.lr=0.08",

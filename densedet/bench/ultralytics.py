@@ -11,7 +11,10 @@ from typing import Callable, Optional
 
 import torch
 
+from densedet.data.readers import read_dataset
+from densedet.data.yolo import write_yolo
 from densedet.errors import DensedetError
+from densedet.evaluate import evaluate, metrics_to_json
 
 # the metrics both sides of a comparison report
 SCORE_KEYS = ("AP", "AP50", "VOC_mAP50")
@@ -42,8 +45,6 @@ def score_yolov8n(run: Path, val_idx, size: int, num_train: int) -> dict:
     import csv
 
     from ultralytics import YOLO
-
-    from densedet.evaluate import evaluate, metrics_to_json
 
     rows = list(csv.DictReader(open(run / "results.csv")))
     if not rows:
@@ -79,8 +80,6 @@ def compare_ultralytics(data: Path, size: int, budget_s: float, out: Path,
     except ImportError:
         return None
     threads = threads or NUM_THREADS
-    from densedet.data.readers import read_dataset
-    from densedet.data.yolo import write_yolo
 
     classes = (data / "classes.txt").read_text().split()
     train_idx = read_dataset(data, "voc", classes, split="train")

@@ -5,6 +5,7 @@ import argparse
 import os
 import time
 
+from densedet.data.check import summarize
 from densedet.data.synth import make_synth
 
 
@@ -19,7 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densedet.data.check import summarize
     t0 = time.perf_counter()
     index = make_synth(args.out, args.images, args.size, args.seed, args.crowd, args.workers, args.force)
     print(summarize(index))

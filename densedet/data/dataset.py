@@ -27,10 +27,9 @@ from torch.utils.data import Dataset
 
 from densedet.data.image import read_image
 from densedet.data.sample import Sample
-from densedet.data.transforms import (PAD_VALUE, AugmentConfig, clip_boxes_np, hflip,
-                                      hsv_jitter, letterbox, letterbox_boxes, letterbox_params,
-                                      mixup, mosaic, random_affine_matrix, unletterbox_boxes,
-                                      warp_affine)
+from densedet.data.transforms import (PAD_VALUE, AugmentConfig, clip_boxes_np, hflip, hsv_jitter,
+                                      letterbox, letterbox_boxes, letterbox_params, mixup, mosaic,
+                                      random_affine_matrix, unletterbox_boxes, warp_affine)
 from densedet.errors import DensedetError
 
 # unletterbox_boxes is re-exported: callers think of it as part of the dataset API

@@ -9,11 +9,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from torch import nn
 
+from densedet.assign import ASSIGNERS, build_assigner
 from densedet.config import Config, config_from_dict, load_config
+from densedet.data.check import check_dataset
+from densedet.data.readers import read_dataset
+from densedet.engine.checkpoint import inference_state_dict, load_checkpoint, load_matching
 from densedet.errors import DensedetError
-from densedet.models import DEFAULT_ASSIGNER
+from densedet.models import DEFAULT_ASSIGNER, MODELS, build_model
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -38,8 +43,6 @@ def assigner_name(cfg: Config) -> str:
 def build_detector(cfg: Config, num_classes: int, with_assigner: bool = True) -> nn.Module:
     """``build_model`` + ``build_assigner`` from the config; every refusal becomes a
     :class:`DensedetError` naming the model and the assigner."""
-    from densedet.assign import ASSIGNERS, build_assigner
-    from densedet.models import MODELS, build_model
 
     name = cfg.model.name
     if name not in MODELS:
@@ -63,7 +66,6 @@ def build_detector(cfg: Config, num_classes: int, with_assigner: bool = True) ->
 
 def read_split(cfg: Config, split: Optional[str], classes: Optional[list[str]] = None):
     """``read_dataset`` for one split of the configured dataset."""
-    from densedet.data.readers import read_dataset
 
     root = Path(cfg.data.root)
     if not root.exists():
@@ -76,10 +78,6 @@ def read_split(cfg: Config, split: Optional[str], classes: Optional[list[str]] =
 def check_index(index, what: str, decode_images: bool = True, limit: int = 10) -> None:
     """Run ``check_dataset`` and fail with the first problems listed (seconds, not hours
     into a training run)."""
-    try:
-        from densedet.data.check import check_dataset
-    except ImportError:  # the checker is optional for the engine
-        return
     problems = check_dataset(index, decode_images=decode_images)
     if problems:
         shown = "\n  ".join(str(p) for p in problems[:limit])
@@ -96,7 +94,6 @@ def model_from_weights(weights: str | Path, config_path: Optional[str | Path] = 
     Returns ``(model in eval mode, cfg, classes)``. ``config_path`` replaces the stored config
     (overrides apply on top of whichever is used). Loads the EMA weights when present.
     """
-    from densedet.engine.checkpoint import inference_state_dict, load_checkpoint, load_matching
 
     ckpt = load_checkpoint(weights)
     if config_path is not None:
@@ -135,8 +132,6 @@ def count_gflops(model: nn.Module, input_hw: tuple[int, int]) -> Optional[float]
     arithmetic, so it costs well under a second even for ResNet-50 on a busy CPU.
     """
     import copy
-
-    from torch.utils.flop_counter import FlopCounterMode
 
     try:
         meta = copy.deepcopy(model).to("meta").eval()

@@ -7,14 +7,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.utils.data import DataLoader
 from torch import nn
 
 from densedet.config import Config
+from densedet.data.dataset import DetectionDataset
+from densedet.data.loader import collate
+from densedet.data.transforms import unletterbox_boxes
+from densedet.evaluate import evaluate
 
 
 def letterbox_dataset(samples, input_hw: tuple[int, int]):
     """The evaluation view of ``samples``: letterboxed to ``input_hw``, no augmentation."""
-    from densedet.data.dataset import DetectionDataset
     return DetectionDataset(samples, input_hw, augment=None)
 
 
@@ -24,11 +28,6 @@ def predict_index(model: nn.Module, index, cfg: Config, device: torch.device,
     """Detections of ``model`` on every image of ``index`` in COCO results format
     (``image_id``, ``category_id`` from ``index.category_ids``, ``bbox`` xywh in original
     image pixels, ``score``)."""
-    from torch.utils.data import DataLoader
-
-    from densedet.data.loader import collate
-    from densedet.data.transforms import unletterbox_boxes
-
     was_training = model.training
     model.eval()
     dataset = letterbox_dataset(index.samples, cfg.input_hw)
@@ -54,7 +53,6 @@ def predict_index(model: nn.Module, index, cfg: Config, device: torch.device,
 
 
 def evaluate_detections(index, results: list[dict]) -> dict:
-    from densedet.evaluate import evaluate
     return evaluate(index, results)
 
 

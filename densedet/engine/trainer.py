@@ -39,9 +39,12 @@ import torch
 from torch import nn
 
 from densedet.config import Config, config_from_dict, config_to_dict, load_config
+from densedet.data.dataset import DetectionDataset
+from densedet.data.loader import SeededSampler, collate, resize_batch, seed_worker
+from densedet.data.transforms import AugmentConfig as DataAugment
 from densedet.engine import distributed as dist_utils
-from densedet.engine.build import (assigner_name, build_detector, check_index, count_gflops, count_params,
-                                   read_split, resolve_device)
+from densedet.engine.build import (assigner_name, build_detector, check_index, count_gflops,
+                                   count_params, read_split, resolve_device)
 from densedet.engine.checkpoint import (inference_state_dict, load_checkpoint, load_matching,
                                         remove_stale_tmp, rng_state, save_atomic, set_rng_state)
 from densedet.engine.ema import ModelEMA, unwrap
@@ -50,6 +53,7 @@ from densedet.engine.plots import plot_losses
 from densedet.engine.runlog import CsvLog, tensorboard_writer
 from densedet.engine.schedule import WarmCosSchedule
 from densedet.errors import DensedetError
+from densedet.evaluate import metrics_to_json
 
 if TYPE_CHECKING:
     from densedet.data.index import DatasetIndex
@@ -249,9 +253,6 @@ class Trainer:
         self.n_params = n_params
 
         # --- data pipeline
-        from densedet.data.dataset import DetectionDataset
-        from densedet.data.loader import SeededSampler, collate, seed_worker
-        from densedet.data.transforms import AugmentConfig as DataAugment
 
         aug = DataAugment(**cfg.augment.model_dump())
         self.dataset = DetectionDataset(self.train_index.samples, cfg.input_hw, augment=aug)
@@ -381,7 +382,6 @@ class Trainer:
             choices = list(range(int(math.ceil(lo / 32)) * 32, hi + 1, 32)) or [self.cfg.input_hw[0]]
             size = random.choice(choices) if dist_utils.is_main() else 0
             self._ms_size = dist_utils.broadcast_int(size, self.device)
-        from densedet.data.loader import resize_batch
         h, w = self.cfg.input_hw
         # keep the configured aspect ratio; sides stay multiples of 32 (the largest stride)
         new_h = max(32, int(round(h * self._ms_size / max(h, w) / 32)) * 32)
@@ -542,7 +542,6 @@ class Trainer:
             if self.val_index is not None and self.val_index.samples:
                 metrics, _ = evaluate_on(self.eval_model(), self.val_index, self.cfg, self.device,
                                          batch_size=max(1, self.local_batch), progress=_use_tqdm())
-                from densedet.evaluate import metrics_to_json
                 metrics = metrics_to_json(metrics)
                 ap = metrics.get("AP")
                 ap = -1.0 if ap is None else float(ap)

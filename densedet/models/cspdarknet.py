@@ -6,8 +6,8 @@ Outputs are the last three stages, strides 8, 16, 32.
 """
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch
+from torch import Tensor, nn
 
 from densedet.models.common import ConvNormAct, DepthwiseSeparableConv
 
