@@ -96,7 +96,7 @@ class GroundTruth(Protocol):
 
 
 @dataclass
-class Detections:
+class DetectionArrays:
     """Validated detections as arrays (one row per input entry, input order kept).
 
     Attributes:
@@ -173,7 +173,7 @@ def _check_entry(d: Any, where: str, min_wh: float = 0.0) -> None:
 
 
 def parse_detections(gt: GroundTruth, detections: Sequence[dict],
-                     source: str = "detections", det_frame: str = "continuous") -> Detections:
+                     source: str = "detections", det_frame: str = "continuous") -> DetectionArrays:
     """Validate COCO-results entries against ``gt`` and turn them into arrays.
 
     ``det_frame`` (one of :data:`DET_FRAMES`) says how the boxes are read; the result is in
@@ -211,7 +211,7 @@ def parse_detections(gt: GroundTruth, detections: Sequence[dict],
         image[i], label[i], xywh[i], scores[i] = idx, cls, d["bbox"], d["score"]
     if det_frame == "voc":
         xywh = voc_to_continuous_xywh(xywh)
-    return Detections(image, label, xywh, scores)
+    return DetectionArrays(image, label, xywh, scores)
 
 
 def voc_to_continuous_xywh(xywh: np.ndarray) -> np.ndarray:
@@ -284,7 +284,7 @@ def build_coco_gt(gt: GroundTruth) -> dict:
     return {"images": images, "annotations": anns, "categories": cats}
 
 
-def _coco_results(gt: GroundTruth, dets: Detections) -> list[dict]:
+def _coco_results(gt: GroundTruth, dets: DetectionArrays) -> list[dict]:
     img_ids = _coco_image_ids(gt.samples)
     return [{"image_id": img_ids[i], "category_id": int(gt.category_ids[c]),
              "bbox": [float(v) for v in box], "score": float(s)}
@@ -322,7 +322,7 @@ def _coco_classes(backend: str) -> tuple[str, type, type]:
     return "pycocotools", COCO, COCOeval
 
 
-def coco_metrics(gt: GroundTruth, dets: Detections,
+def coco_metrics(gt: GroundTruth, dets: DetectionArrays,
                  backend: str = "auto") -> tuple[dict, np.ndarray, np.ndarray]:
     """Run ``COCOeval`` (bbox) from pycocotools or faster-coco-eval (see ``backend``).
 
@@ -381,7 +381,7 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
-def _best_gt(gt: GroundTruth, dets: Detections) -> tuple[np.ndarray, np.ndarray]:
+def _best_gt(gt: GroundTruth, dets: DetectionArrays) -> tuple[np.ndarray, np.ndarray]:
     """For each detection, its highest-IoU same-class ground truth in its image.
 
     Returns:
@@ -407,7 +407,7 @@ def _best_gt(gt: GroundTruth, dets: Detections) -> tuple[np.ndarray, np.ndarray]
     return best, best_iou
 
 
-def voc_match(gt: GroundTruth, dets: Detections, iou_thr: float = 0.5) -> np.ndarray:
+def voc_match(gt: GroundTruth, dets: DetectionArrays, iou_thr: float = 0.5) -> np.ndarray:
     """Devkit status of every detection: 1 TP, 0 FP, -1 ignored (matched a difficult gt).
 
     The greedy devkit pass "in score order, claim the best gt if still free" is written
@@ -472,7 +472,7 @@ class PRCurve:
                 "precision": arr(self.precision), "scores": arr(self.scores)}
 
 
-def voc_pr_curves(gt: GroundTruth, dets: Detections, iou_thr: float = 0.5) -> list[PRCurve]:
+def voc_pr_curves(gt: GroundTruth, dets: DetectionArrays, iou_thr: float = 0.5) -> list[PRCurve]:
     """Per-class VOC precision-recall curves and APs (see the module docstring)."""
     status = voc_match(gt, dets, iou_thr)
     all_labels = np.concatenate([s.labels for s in gt.samples] + [np.zeros(0, np.int64)])

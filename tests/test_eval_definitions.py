@@ -345,7 +345,7 @@ def test_saved_model_detections_rescore_to_model_metrics(tmp_path, monkeypatch, 
     _write_voc_root(root, gt)
     rng = np.random.default_rng(4)
 
-    def fake_evaluate_model(config_path, weights, split, overrides, json_out, device="auto"):
+    def fake_evaluate_model(config_path, weights, split, overrides, detections_out, device="auto"):
         index = read_dataset(root, classes=CLASSES)
         results = []  # "predictions": the reader's (continuous) boxes, jittered
         for s in index.samples:
@@ -354,7 +354,7 @@ def test_saved_model_detections_rescore_to_model_metrics(tmp_path, monkeypatch, 
                 results.append({"image_id": s.image_id, "category_id": int(lab),
                                 "bbox": [b[0], b[1], max(b[2] - b[0], 0.1),
                                          max(b[3] - b[1], 0.1)], "score": float(rng.random())})
-        write_detections(results, index.fmt, json_out)  # the engine's own writer
+        write_detections(results, index.fmt, detections_out)  # the engine's own writer
         return evaluate(index, results)
 
     import densedet.cli.eval as eval_verb

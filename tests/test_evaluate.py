@@ -387,8 +387,8 @@ def test_cli_usage_errors(argv, capsys):
 def test_cli_model_mode(monkeypatch, tmp_path, capsys):
     calls = []
 
-    def fake_evaluate_model(config_path, weights, split, overrides, json_out, device="auto"):
-        calls.append((config_path, weights, split, overrides, json_out, device))
+    def fake_evaluate_model(config_path, weights, split, overrides, detections_out, device="auto"):
+        calls.append((config_path, weights, split, overrides, detections_out, device))
         index = Index([sample("a", [(0, 0, 10, 10, 0)])], ["cat"])
         return evaluate(index, [det("a", 0, 0, 0, 10, 10, 0.9)])
 

@@ -7,7 +7,7 @@ import torch
 from densedet.data.dataset import DetectionDataset, unletterbox_boxes
 from densedet.data.loader import SeededSampler, build_loader, collate, resize_batch
 from densedet.data.sample import Sample
-from densedet.data.transforms import AugmentConfig
+from densedet.data.transforms import Augmentation
 from densedet.errors import DensedetError
 
 SIZE = 64
@@ -64,7 +64,7 @@ def test_ignore_objects_dropped_or_kept(tmp_path):
     assert target["labels"].tolist() == [0, 1]
     _, target, _ = DetectionDataset(samples, SIZE, ignore_mode="keep")[0]
     assert target["labels"].tolist() == [0, 1, 4]
-    train = DetectionDataset(samples, SIZE, AugmentConfig(mixup_prob=0.0))
+    train = DetectionDataset(samples, SIZE, Augmentation(mixup_prob=0.0))
     for seed in range(10):
         assert 4 not in train[(seed % 2, seed)][1]["labels"].tolist()
     with pytest.raises(DensedetError, match="ignore_mode"):
@@ -75,7 +75,7 @@ def test_letterbox_training_path_drops_tiny_boxes_and_flips(tmp_path):
     path = _write(tmp_path, "a.png", np.zeros((64, 64, 3), np.uint8))
     boxes = np.array([[10, 10, 40, 40], [50, 10, 51, 40]], np.float32)  # second: 1 px wide
     sample = Sample(0, path, 64, 64, boxes, [2, 3], [False, False])
-    cfg = AugmentConfig(mosaic_prob=0.0, hsv_prob=0.0, flip_prob=1.0)
+    cfg = Augmentation(mosaic_prob=0.0, hsv_prob=0.0, flip_prob=1.0)
     _, target, meta = DetectionDataset([sample], SIZE, cfg)[(0, 0)]
     assert meta["mosaic"] is False
     assert target["labels"].tolist() == [2]
@@ -83,7 +83,7 @@ def test_letterbox_training_path_drops_tiny_boxes_and_flips(tmp_path):
 
 
 def test_mosaic_training_items_are_valid(tmp_path):
-    ds = DetectionDataset(_samples(tmp_path), SIZE, AugmentConfig())
+    ds = DetectionDataset(_samples(tmp_path), SIZE, Augmentation())
     total = 0
     for seed in range(24):
         x, target, meta = ds[(seed % len(ds), seed)]
@@ -97,7 +97,7 @@ def test_mosaic_training_items_are_valid(tmp_path):
 
 
 def test_same_seed_same_item_and_global_rng_path(tmp_path):
-    ds = DetectionDataset(_samples(tmp_path), SIZE, AugmentConfig())
+    ds = DetectionDataset(_samples(tmp_path), SIZE, Augmentation())
     a, b = ds[(2, 123)], ds[(2, 123)]
     torch.testing.assert_close(a[0], b[0])
     torch.testing.assert_close(a[1]["boxes"], b[1]["boxes"])
@@ -141,7 +141,7 @@ def test_cached_images_give_the_same_items(tmp_path):
         a, b = plain[i], cached[i]
         torch.testing.assert_close(a[0], b[0])
         torch.testing.assert_close(a[1]["boxes"], b[1]["boxes"])
-    plain, cached = (DetectionDataset(samples, SIZE, AugmentConfig()) for _ in range(2))
+    plain, cached = (DetectionDataset(samples, SIZE, Augmentation()) for _ in range(2))
     cached.cache_images()
     for seed in range(4):
         a, b = plain[(seed, seed)], cached[(seed, seed)]
@@ -200,7 +200,7 @@ def _assert_same(a, b):
 
 
 def test_loader_is_deterministic_and_independent_of_workers(tmp_path):
-    ds = DetectionDataset(_samples(tmp_path), SIZE, AugmentConfig())
+    ds = DetectionDataset(_samples(tmp_path), SIZE, Augmentation())
     serial = _batches(build_loader(ds, 3, shuffle=True, num_workers=0, seed=11), epochs=2)
     again = _batches(build_loader(ds, 3, shuffle=True, num_workers=0, seed=11), epochs=2)
     _assert_same(serial, again)
@@ -213,7 +213,7 @@ def test_loader_is_deterministic_and_independent_of_workers(tmp_path):
 
 
 def test_set_epoch_replays_an_epoch(tmp_path):
-    ds = DetectionDataset(_samples(tmp_path, 4), SIZE, AugmentConfig(mixup_prob=0.0))
+    ds = DetectionDataset(_samples(tmp_path, 4), SIZE, Augmentation(mixup_prob=0.0))
     loader = build_loader(ds, 2, shuffle=True, num_workers=0, seed=3)
     first_two = _batches(loader, epochs=2)
     loader.sampler.set_epoch(1)
@@ -221,7 +221,7 @@ def test_set_epoch_replays_an_epoch(tmp_path):
 
 
 def test_close_mosaic_reaches_persistent_workers(tmp_path):
-    ds = DetectionDataset(_samples(tmp_path, 4), SIZE, AugmentConfig())
+    ds = DetectionDataset(_samples(tmp_path, 4), SIZE, Augmentation())
     loader = build_loader(ds, 2, shuffle=False, num_workers=2, seed=0, persistent_workers=True)
     flags = [m["mosaic"] for _, _, metas in loader for m in metas]
     assert flags == [True] * 4

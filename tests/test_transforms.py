@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from densedet.data.transforms import (AugmentConfig, affine_matrix, box_keep_mask, hflip,
+from densedet.data.transforms import (Augmentation, affine_matrix, box_keep_mask, hflip,
                                       hsv_jitter, letterbox, letterbox_boxes, mixup, mosaic,
                                       random_affine_matrix, transform_boxes, unletterbox_boxes,
                                       warp_affine)
@@ -201,7 +201,7 @@ def test_mixup_blends_and_concatenates_labels():
     other = np.full((20, 20, 3), 200, np.uint8)
     boxes = np.array([[1, 1, 10, 10]], np.float32)
     other_boxes = np.array([[0, 0, 20, 20], [5, 5, 10, 10]], np.float32)
-    cfg = AugmentConfig(mixup_scale=(1.0, 1.0))  # other exactly fills the 40x40 image
+    cfg = Augmentation(mixup_scale=(1.0, 1.0))  # other exactly fills the 40x40 image
     out, mboxes, mlabels = mixup(image, boxes, np.array([7]), other, other_boxes,
                                  np.array([1, 2]), np.random.default_rng(0), cfg)
     np.testing.assert_array_equal(mlabels, [7, 1, 2])
@@ -218,7 +218,7 @@ def test_mixup_smaller_image_leaves_grey_blend_and_boxes_on_its_pixels():
     image = np.zeros((64, 64, 3), np.uint8)
     obox = np.array([[0, 0, 32, 32]], np.float32)
     other = np.full((32, 32, 3), 254, np.uint8)
-    cfg = AugmentConfig(mixup_scale=(0.5, 0.5))  # letterbox x2, jitter x0.5 -> 32 px
+    cfg = Augmentation(mixup_scale=(0.5, 0.5))  # letterbox x2, jitter x0.5 -> 32 px
     out, mboxes, _ = mixup(image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), other,
                            obox, np.array([0]), rng, cfg)
     x1, y1, x2, y2 = np.round(mboxes[0]).astype(int)
@@ -248,13 +248,13 @@ def test_hsv_value_only_jitter_brightens_grey():
 
 
 def test_augment_config_presets_and_validation():
-    nano = AugmentConfig.preset("yolox_nano")
+    nano = Augmentation.preset("yolox_nano")
     assert nano.mixup_prob == 0.0 and nano.mosaic_scale == (0.5, 1.5) and nano.mosaic_prob == 0.5
-    assert AugmentConfig.preset("yolox_s") == AugmentConfig()
-    assert AugmentConfig.preset("yolox_tiny", flip_prob=0.0).flip_prob == 0.0
+    assert Augmentation.preset("yolox_s") == Augmentation()
+    assert Augmentation.preset("yolox_tiny", flip_prob=0.0).flip_prob == 0.0
     with pytest.raises(DensedetError, match="mosaic_prob"):
-        AugmentConfig(mosaic_prob=1.5)
+        Augmentation(mosaic_prob=1.5)
     with pytest.raises(DensedetError, match="mixup_scale"):
-        AugmentConfig(mixup_scale=(2.0, 1.0))
+        Augmentation(mixup_scale=(2.0, 1.0))
     with pytest.raises(DensedetError, match="preset"):
-        AugmentConfig.preset("yolov8")
+        Augmentation.preset("yolov8")

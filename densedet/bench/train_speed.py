@@ -39,7 +39,7 @@ from densedet.config import load_config, preset_path
 from densedet.data.dataset import DetectionDataset
 from densedet.data.loader import collate
 from densedet.data.synth import make_synth
-from densedet.data.transforms import AugmentConfig
+from densedet.data.transforms import Augmentation
 from densedet.engine import evaluate_model, train
 from densedet.engine.build import assigner_name, build_detector, count_params, read_split
 from densedet.engine.trainer import build_optimizer
@@ -59,7 +59,7 @@ def sample_batches(cfg, index, batch: int, n: int, seed: int = 0) -> tuple[list,
     """``n`` collated augmented batches of ``batch`` training images (drawn with ``seed``) and
     the seconds each took to produce."""
 
-    dataset = DetectionDataset(index.samples, cfg.input_hw, augment=AugmentConfig(**cfg.augment.model_dump()))
+    dataset = DetectionDataset(index.samples, cfg.input_hw, augment=Augmentation(**cfg.augment.model_dump()))
     g = torch.Generator().manual_seed(seed)
     batches, seconds = [], []
     for _ in range(n):

@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model mode: dataset split (default: the config's val split)")
     parser.add_argument("--pr-plot", default=None, metavar="PNG",
                         help="also draw per-class precision-recall curves (IoU 0.5) to this PNG")
-    parser.add_argument("--json", dest="json_out", default=None, metavar="OUT",
+    parser.add_argument("--json", dest="metrics_out", default=None, metavar="OUT",
                         help="also write every metric (and the per-class table) to OUT")
 
 
@@ -112,9 +112,9 @@ def run(args: argparse.Namespace) -> int:
     mode = _check_mode(args)
     metrics: dict[str, Any] = _run_files(args) if mode == "files" else _run_model(args)
     print(format_report(metrics))
-    if args.json_out:
-        write_metrics_json(metrics, args.json_out)
-        print(f"metrics written to {args.json_out}")
+    if args.metrics_out:
+        write_metrics_json(metrics, args.metrics_out)
+        print(f"metrics written to {args.metrics_out}")
     if args.pr_plot:
         print(f"precision-recall curves written to {plot_pr_curves(metrics, args.pr_plot)}")
     if mode == "model" and args.save_detections:

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from densedet.data.image import read_image
 from densedet.data.sample import Sample
-from densedet.data.transforms import (PAD_VALUE, AugmentConfig, clip_boxes_np, hflip, hsv_jitter,
+from densedet.data.transforms import (PAD_VALUE, Augmentation, clip_boxes_np, hflip, hsv_jitter,
                                       letterbox, letterbox_boxes, letterbox_params, mixup, mosaic,
                                       random_affine_matrix, unletterbox_boxes, warp_affine)
 from densedet.errors import DensedetError
@@ -95,7 +95,7 @@ class DetectionDataset(Dataset):
     """
 
     def __init__(self, samples: list[Sample], input_size: int | tuple[int, int],
-                 augment: AugmentConfig | None = None, ignore_mode: str = "drop",
+                 augment: Augmentation | None = None, ignore_mode: str = "drop",
                  fast_decode: bool = True):
         if ignore_mode not in _IGNORE_MODES:
             raise DensedetError(f"ignore_mode must be one of {_IGNORE_MODES}, got {ignore_mode!r}")

@@ -42,7 +42,7 @@ _EPS = 1e-9
 
 # --------------------------------------------------------------------------- config
 @dataclass
-class AugmentConfig:
+class Augmentation:
     """Training augmentation settings; defaults are YOLOX-s/m/l/x's.
 
     Attributes:
@@ -101,7 +101,7 @@ class AugmentConfig:
             raise DensedetError(f"augment.max_aspect must be > 1, got {self.max_aspect}")
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "AugmentConfig":
+    def preset(cls, name: str, **overrides) -> "Augmentation":
         """YOLOX's per-size settings: ``yolox_s`` (also m/l/x: the defaults), ``yolox_tiny``
         (mixup off, mosaic scale (0.5, 1.5)), ``yolox_nano`` (as tiny, mosaic prob 0.5)."""
         presets = {
@@ -240,7 +240,7 @@ def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 def hsv_jitter(image: np.ndarray, rng: np.random.Generator,
                gains: tuple[float, float, float] = (5.0, 30.0, 30.0), bgr: bool = True
                ) -> np.ndarray:
-    """Additive HSV jitter (YOLOX's rule, see ``AugmentConfig.hsv_gains``); ``[H, W, 3]``
+    """Additive HSV jitter (YOLOX's rule, see ``Augmentation.hsv_gains``); ``[H, W, 3]``
     uint8 in, new uint8 array out. Per-channel lookup tables make it one pass per channel."""
     deltas = rng.uniform(-1.0, 1.0, 3) * np.asarray(gains) * rng.integers(0, 2, 3)
     deltas = np.round(deltas).astype(np.int32)
@@ -303,12 +303,12 @@ def _to_pixel_index(matrix: np.ndarray) -> np.ndarray:
 
 
 def warp_affine(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, matrix: np.ndarray,
-                dst_size: tuple[int, int], cfg: AugmentConfig | None = None
+                dst_size: tuple[int, int], cfg: Augmentation | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Warp an image and its boxes by ``matrix [2, 3]``; boxes are clipped to ``dst_size
     (h, w)`` and filtered by :func:`box_keep_mask` (``cfg`` thresholds, default
-    ``AugmentConfig()``'s). Returns image ``[h, w, 3]``, boxes ``[M, 4]``, labels ``[M]``."""
-    cfg = cfg or AugmentConfig()
+    ``Augmentation()``'s). Returns image ``[h, w, 3]``, boxes ``[M, 4]``, labels ``[M]``."""
+    cfg = cfg or Augmentation()
     dh, dw = dst_size
     out = cv2.warpAffine(image, _to_pixel_index(matrix), (dw, dh), flags=cv2.INTER_LINEAR,
                          borderMode=cv2.BORDER_CONSTANT, borderValue=(cfg.pad_value,) * 3)
@@ -368,7 +368,7 @@ def mosaic(images: list[np.ndarray], boxes: list[np.ndarray], labels: list[np.nd
 
 def mixup(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, other: np.ndarray,
           other_boxes: np.ndarray, other_labels: np.ndarray, rng: np.random.Generator,
-          cfg: AugmentConfig | None = None, other_orig_size: tuple[int, int] | None = None
+          cfg: Augmentation | None = None, other_orig_size: tuple[int, int] | None = None
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """YOLOX-style mixup: ``other`` is letterbox-scaled to ``image``'s size, zoomed by
     U(``cfg.mixup_scale``), flipped with probability 0.5, placed at a random offset (a
@@ -377,7 +377,7 @@ def mixup(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, other: np.nd
 
     Returns image ``[H, W, 3]`` uint8, boxes ``[N + M, 4]``, labels ``[N + M]``.
     """
-    cfg = cfg or AugmentConfig()
+    cfg = cfg or Augmentation()
     H, W = image.shape[:2]
     oh, ow = other_orig_size if other_orig_size is not None else other.shape[:2]
     scale = min(H / oh, W / ow) * rng.uniform(*cfg.mixup_scale)

@@ -17,7 +17,7 @@ from densedet.evaluate import continuous_to_voc_results
 
 
 def evaluate_model(config_path: Optional[str | Path], weights: str | Path, split: Optional[str] = None,
-                   overrides: Optional[list[str]] = None, json_out: Optional[str | Path] = None,
+                   overrides: Optional[list[str]] = None, detections_out: Optional[str | Path] = None,
                    device: str = "auto") -> dict:
     """Evaluate trained ``weights`` on a split of the configured dataset.
 
@@ -26,7 +26,7 @@ def evaluate_model(config_path: Optional[str | Path], weights: str | Path, split
         weights: a densedet checkpoint (``best.pt``/``last.pt``); its EMA weights are used.
         split: dataset split (default ``data.val_split``).
         overrides: ``dotted.key=value`` applied to the config (e.g. ``data.root=...``).
-        json_out: where to write the detections (COCO results format, original-image
+        detections_out: where to write the detections (COCO results format, original-image
             pixels, in the frame ``densedet eval --ann GT --detections FILE`` reads for that
             dataset: a VOC annotation's own 1-based pixels, else COCO's). None writes nothing.
         device: ``auto``, ``cpu``, ``cuda``...
@@ -37,8 +37,8 @@ def evaluate_model(config_path: Optional[str | Path], weights: str | Path, split
     model, cfg, classes = model_from_weights(weights, config_path, overrides, device=dev)
     index = read_split(cfg, split if split is not None else cfg.data.val_split, classes=classes)
     metrics, results = evaluate_on(model, index, cfg, dev, batch_size=8)
-    if json_out is not None:
-        write_detections(results, index.fmt, json_out)
+    if detections_out is not None:
+        write_detections(results, index.fmt, detections_out)
     return metrics
 
 

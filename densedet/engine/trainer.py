@@ -41,7 +41,7 @@ from torch import nn
 from densedet.config import Config, config_from_dict, config_to_dict, load_config
 from densedet.data.dataset import DetectionDataset
 from densedet.data.loader import SeededSampler, collate, resize_batch, seed_worker
-from densedet.data.transforms import AugmentConfig as DataAugment
+from densedet.data.transforms import Augmentation
 from densedet.engine import distributed as dist_utils
 from densedet.engine.build import (assigner_name, build_detector, check_index, count_gflops,
                                    count_params, read_split, resolve_device)
@@ -254,7 +254,7 @@ class Trainer:
 
         # --- data pipeline
 
-        aug = DataAugment(**cfg.augment.model_dump())
+        aug = Augmentation(**cfg.augment.model_dump())
         self.dataset = DetectionDataset(self.train_index.samples, cfg.input_hw, augment=aug)
         self.local_batch = t.batch_size // self.world
         n = len(self.dataset)
