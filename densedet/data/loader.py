@@ -56,6 +56,10 @@ class SeededSampler(Sampler):
         seed: non-negative base seed.
         base: a sampler to take the order from instead (``DistributedSampler``); its
             ``set_epoch`` is called and its ``rank`` enters the sample seeds.
+
+    The order and the per-sample augmentation seeds of an epoch depend only on (seed, epoch,
+    rank), so a mid-epoch resume replays exactly the batches not trained yet:
+    ``set_epoch(epoch, skip)`` leaves out the first ``skip`` items of that epoch.
     """
 
     def __init__(self, size: int, shuffle: bool, seed: int, base: Sampler | None = None):
@@ -63,9 +67,10 @@ class SeededSampler(Sampler):
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.size, self.shuffle, self.seed, self.base = size, shuffle, int(seed), base
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int):
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, skip: int = 0):
+        self.epoch, self.skip = int(epoch), int(skip)
 
     def _order(self, epoch: int) -> list[int]:
         if self.base is not None:
@@ -85,10 +90,12 @@ class SeededSampler(Sampler):
         rank = int(getattr(self.base, "rank", 0))
         seeds = np.random.default_rng([self.seed, epoch, rank]).integers(
             0, 2**63 - 1, size=len(order), dtype=np.int64)
-        return iter(zip(order, seeds.tolist()))
+        skip, self.skip = self.skip, 0  # a skip applies to the epoch it was set for
+        return iter(list(zip(order, seeds.tolist()))[skip:])
 
     def __len__(self) -> int:
-        return len(self.base) if self.base is not None else self.size
+        full = len(self.base) if self.base is not None else self.size
+        return max(0, full - self.skip)
 
 
 def seed_worker(worker_id: int):
@@ -105,7 +112,7 @@ def seed_worker(worker_id: int):
 
 
 def build_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                 drop_last: bool = False, distributed: bool = False,
+                 drop_last: bool = False, world: int | None = None, rank: int = 0,
                  persistent_workers: bool | None = None, pin_memory: bool | None = None,
                  prefetch_factor: int | None = None,
                  multiprocessing_context: str | None = None) -> DataLoader:
@@ -116,16 +123,18 @@ def build_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, seed
         num_workers: worker processes (0: load in the calling process).
         seed: base seed; same seed -> same batches, independent of ``num_workers``.
         drop_last: drop the last incomplete batch.
-        distributed: shard with ``DistributedSampler`` (``torch.distributed`` must be
-            initialised). Call ``loader.sampler.set_epoch(epoch)`` every epoch.
+        world, rank: shard over ``world`` processes with ``DistributedSampler`` (the trainer
+            always shards, ``world=1`` included, so one process and several see the same
+            order scheme). Call ``loader.sampler.set_epoch(epoch[, skip])`` every epoch.
         persistent_workers: keep workers between epochs (default: when ``num_workers > 0``);
             ``dataset.close_mosaic()`` still reaches them (shared flags).
         pin_memory: default only when CUDA is available.
         multiprocessing_context: e.g. ``"spawn"``; default PyTorch's (fork on Linux).
     """
     base = None
-    if distributed:
-        base = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    if world is not None:  # the loader's drop_last drops the incomplete last batch
+        base = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                  drop_last=False)
     sampler = SeededSampler(len(dataset), shuffle, seed, base)
     if persistent_workers is None:
         persistent_workers = num_workers > 0

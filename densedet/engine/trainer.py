@@ -40,7 +40,7 @@ from torch import nn
 
 from densedet.config import Config, config_from_dict, config_to_dict, load_config
 from densedet.data.dataset import DetectionDataset
-from densedet.data.loader import SeededSampler, collate, resize_batch, seed_worker
+from densedet.data.loader import build_loader, resize_batch
 from densedet.data.transforms import Augmentation
 from densedet.engine import distributed as dist_utils
 from densedet.engine.build import (assigner_name, build_detector, check_index, count_gflops,
@@ -106,28 +106,6 @@ def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Opt
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, nesterov=t.nesterov)
     return torch.optim.AdamW(groups, lr=lr, betas=(t.momentum, 0.999))
-
-
-class SkipSampler(torch.utils.data.Sampler):
-    """Leaves out the first ``skip`` items of a :class:`SeededSampler` epoch. The order and
-    the per-sample augmentation seeds of an epoch depend only on (seed, epoch, rank), so a
-    mid-epoch resume replays exactly the batches that were not trained yet."""
-
-    def __init__(self, base):
-        self.base = base
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.base.set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        for i, item in enumerate(self.base):
-            if i >= self.skip:
-                yield item
-
-    def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip)
 
 
 def _use_tqdm() -> bool:
@@ -260,19 +238,12 @@ class Trainer:
         n = len(self.dataset)
         # keep at least one step per epoch on tiny datasets
         drop_last = n >= t.batch_size
-        # the same order/seeds as densedet.data.loader.build_loader, plus skipping for resume
-        base = torch.utils.data.DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
-                                                   shuffle=True, seed=t.seed, drop_last=False)
-        self.sampler = SkipSampler(SeededSampler(n, True, t.seed, base))
-        extra = {}
-        if cfg.data.num_workers > 0:
-            # persistent: no worker start-up per epoch; close_mosaic() reaches them anyway
-            extra = dict(worker_init_fn=seed_worker, persistent_workers=True, prefetch_factor=2)
-        self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.local_batch, sampler=self.sampler, drop_last=drop_last,
-            num_workers=cfg.data.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(t.seed), **extra)
-        per_rank = len(base)
+        # persistent workers (no start-up per epoch); close_mosaic() reaches them anyway
+        self.loader = build_loader(self.dataset, self.local_batch, shuffle=True,
+                                   num_workers=cfg.data.num_workers, seed=t.seed, drop_last=drop_last,
+                                   world=self.world, rank=self.rank, pin_memory=device.type == "cuda")
+        self.sampler = self.loader.sampler
+        per_rank = len(self.sampler.base)
         self.iters_per_epoch = per_rank // self.local_batch if drop_last else math.ceil(per_rank / self.local_batch)
         self.iters_per_epoch = max(1, self.iters_per_epoch)
 
