@@ -18,6 +18,7 @@ from densedet.assign import Assignment, build_assigner
 from densedet.boxes import box_iou, box_to_distance
 from densedet.config import load_config
 from densedet.data.dataset import DetectionDataset
+from densedet.data.sample import Sample
 from densedet.engine.build import build_detector, model_from_weights, read_split
 from densedet.engine.plots import save_figure
 from densedet.errors import DensedetError
@@ -140,7 +141,8 @@ def draw_assignments(image: np.ndarray, gt_boxes: Tensor, gt_labels: Tensor,
     n = max(len(assignments), 1)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.4 * rows), squeeze=False)
+    # panels large enough that every positive prior of the finest level stays visible
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 5.8 * rows), squeeze=False)
     palette = plt.get_cmap("tab10")
     G = gt_boxes.shape[0]
     for ax in axes.flat:
@@ -172,10 +174,31 @@ def draw_assignments(image: np.ndarray, gt_boxes: Tensor, gt_labels: Tensor,
     if title:
         fig.suptitle(title, fontsize=10)
 
-    return save_figure(fig, out_path)
+    return save_figure(fig, out_path, dpi=130)
 
 
-def assign_viz(config: str, overrides: Sequence[str], image_id: str, names: Sequence[str],
+SIZE_BANDS = (32.0, 96.0)  # sqrt(area) px: COCO's small / medium / large
+
+
+def teaching_image(samples: Sequence[Sample], min_objects: int = 3, max_objects: int = 8) -> Sample:
+    """The image that shows an assigner's decisions best: several objects (``min_objects``
+    to ``max_objects``, so each keeps room for its positives) spanning as many size bands as
+    possible (a small object shows the finest level, a large one the coarse levels), then
+    the widest size ratio; the first such image in ``samples`` order on ties."""
+    if not samples:
+        raise DensedetError("no image to draw: the split is empty")
+
+    def merit(s: Sample) -> tuple:
+        side = np.sqrt(np.clip((s.boxes[:, 2] - s.boxes[:, 0]) * (s.boxes[:, 3] - s.boxes[:, 1]), 1e-6, None))
+        n = len(side)
+        bands = len(set(np.searchsorted(SIZE_BANDS, side).tolist())) if n else 0
+        ratio = float(side.max() / side.min()) if n else 0.0
+        return (min_objects <= n <= max_objects, bands, min(ratio, 20.0), -abs(n - 5))
+
+    return max(samples, key=merit)  # max keeps the first of equal merits
+
+
+def assign_viz(config: str, overrides: Sequence[str], image_id: Optional[str], names: Sequence[str],
                weights: Optional[str] = None, out: str | Path = "assign_viz.png",
                seed: int = 0) -> tuple[Path, str]:
     """Draw what each assigner decides on one image of the configured dataset.
@@ -194,7 +217,11 @@ def assign_viz(config: str, overrides: Sequence[str], image_id: str, names: Sequ
         index = read_split(cfg, None)
         classes = index.classes
         model = build_detector(cfg, len(classes), with_assigner=False).eval()
-    matches = [s for s in index.samples if str(s.image_id) == str(image_id)]
+    if image_id is None:
+        matches = [teaching_image(index.samples)]
+        image_id = matches[0].image_id
+    else:
+        matches = [s for s in index.samples if str(s.image_id) == str(image_id)]
     if not matches:
         raise DensedetError(f"--image {image_id}: no such image in {cfg.data.root} "
                             f"({len(index.samples)} images; ids are file stems)")

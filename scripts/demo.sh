@@ -65,10 +65,10 @@ images=()
 for s in "${stems[@]}"; do images+=("$DATA/JPEGImages/$s.jpg"); done
 densedet predict --weights "$OUT/best.pt" "${images[@]}" --out "$OUT/predictions" --score-thresh 0.15
 
+# the image: the split's one with several objects of the most different sizes
 echo "== assignment picture (trained model's predictions) -> $OUT/assignments.png"
-first=$(head -n 1 "$DATA/ImageSets/Main/val.txt")
 densedet assign-viz "$CONFIG" data.root="$DATA" input_size="$INPUT_SIZE" model.params="$MODEL_PARAMS" \
-  --image "$first" --weights "$OUT/best.pt" --out "$OUT/assignments.png"
+  --weights "$OUT/best.pt" --out "$OUT/assignments.png"
 
 echo "== done: $OUT/{best.pt,metrics.json,log.csv,loss.png,predictions/}"
 python - "$OUT/metrics.json" <<'EOF'

@@ -139,3 +139,20 @@ def test_pr_curves_plot_from_evaluation(tmp_path):
     assert curves["b"].ap == 0.0
     out = plot_pr_curves(metrics, tmp_path / "pr.png")
     assert out.stat().st_size > 5000
+
+
+def test_teaching_image_prefers_several_objects_of_different_sizes():
+    from densedet.data.sample import Sample
+    from densedet.viz import teaching_image
+
+    def sample(name, sides):
+        boxes = np.array([[0, 0, s, s] for s in sides], dtype=np.float32).reshape(-1, 4)
+        return Sample(image_id=name, path=Path(f"{name}.jpg"), width=320, height=320, boxes=boxes,
+                      labels=np.zeros(len(sides), dtype=np.int64))
+
+    one_big = sample("one", [200])
+    same_size = sample("same", [40, 41, 42, 43])
+    crowd = sample("crowd", [10] * 30)
+    mixed = sample("mixed", [12, 60, 150, 20])
+    assert teaching_image([one_big, same_size, crowd, mixed]).image_id == "mixed"
+    assert teaching_image([one_big, same_size]).image_id == "same"  # several objects first

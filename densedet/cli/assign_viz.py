@@ -1,4 +1,4 @@
-"""``densedet assign-viz CONFIG --image ID``: what each assigner decides on one image."""
+"""``densedet assign-viz CONFIG [--image ID]``: what each assigner decides on one image."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,9 @@ from densedet.viz import assign_viz
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (its data and model are used)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    parser.add_argument("--image", required=True, help="image id (the image file's stem)")
+    parser.add_argument("--image", default=None,
+                        help="image id (the image file's stem); default: the split's image with "
+                             "several objects of the most different sizes")
     parser.add_argument("--assigners", default=",".join(ASSIGNERS),
                         help="comma-separated assigner names")
     parser.add_argument("--weights", help="checkpoint whose predictions the dynamic assigners see")
