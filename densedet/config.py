@@ -33,6 +33,44 @@ class ModelConfig(_Section):
     name: str = "yolox"
     size: Optional[str] = None
     params: dict[str, Any] = Field(default_factory=dict)
+    # NMS-free detection: a one-to-one branch trained beside the head by dual assignment
+    # (assigner.o2o, train.o2m_weight), used at inference without NMS (docs/end2end.md);
+    # yolox, fcos, nanodet, lla
+    end2end: bool = False
+    # the one-to-one branch reads detached features (its loss then trains only its own layers)
+    o2o_detach: bool = False
+    # -- the input and decoding conventions of the weights (densedet's own by default; a file
+    # from `densedet convert` carries the official model's, docs/pretrained.md)
+    # channel order the first conv expects: rgb (densedet, torchvision, YOLOX legacy) or bgr
+    # (current YOLOX weights)
+    channel_order: Literal["rgb", "bgr"] = "rgb"
+    # images in [0, 1] are multiplied by this before normalising: 255 for 0-255 models (YOLOX)
+    input_scale: float = Field(1.0, gt=0)
+    # (x * input_scale - pixel_mean) / pixel_std, in the units of input_scale and in
+    # channel_order's order; YOLOX: [0, 0, 0] / [1, 1, 1]
+    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # prior centre (i + prior_offset) * step; null = the family's own (0.5 YOLOX/FCOS family,
+    # 0 NanoDet-Plus); torchvision's FCOS uses 0
+    prior_offset: Optional[float] = None
+    # step between priors: stride, or input_div = input side // feature side per axis
+    # (torchvision's anchor grid: differs from the stride on P6/P7 of padded inputs)
+    prior_step: Literal["stride", "input_div"] = "stride"
+    # FCOS/DW/LLA: a bias in every tower conv before its GroupNorm (torchvision's and mmdet's
+    # FCOS layout; densedet's towers have none)
+    tower_bias: bool = False
+    # FCOS/DW/LLA: inference score sqrt(sigmoid(cls) * sigmoid(centerness)) (torchvision's FCOS)
+    score_sqrt: bool = False
+    # an ImageNet backbone file loaded before training (torchvision resnet18/resnet50 for
+    # fcos/dw/lla, shufflenet_v2_x1_0 / x1_5 for nanodet); train.init_weights loads over it
+    backbone_weights: Optional[str] = None
+
+
+class O2OAssignerConfig(_Section):
+    """The one-to-one branch's assigner of an end-to-end model (docs/end2end.md)."""
+
+    name: str = "o2o"
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class AssignerConfig(_Section):
@@ -40,6 +78,9 @@ class AssignerConfig(_Section):
 
     name: Optional[str] = None
     params: dict[str, Any] = Field(default_factory=dict)
+    # model.end2end: the one-to-one branch's assigner; null = o2o over this section's method
+    # and params (one prior per object by the same metric), e.g. {name: tal_o2o} for YOLO26's
+    o2o: Optional[O2OAssignerConfig] = None
 
 
 class DataConfig(_Section):
@@ -125,12 +166,59 @@ class TrainConfig(_Section):
     # half of those tensors match by name and shape: another architecture or size) is an
     # error; true loads whatever fits anyway
     init_weights_partial: bool = False
+    # model.end2end: one-to-many loss weight [first epoch, last epoch], linear in between; the
+    # one-to-one loss weighs 1 - it (YOLO26's 0.8 -> 0.1)
+    o2m_weight: tuple[float, float] = (0.8, 0.1)
+
+    @field_validator("o2m_weight")
+    @classmethod
+    def _weights(cls, v):
+        if not all(0.0 <= w <= 1.0 for w in v):
+            raise ValueError("one-to-many loss weights lie in [0, 1]")
+        return v
 
 
 class EvalConfig(_Section):
     score_thresh: float = Field(0.01, ge=0, le=1)
     nms_iou: float = Field(0.65, gt=0, le=1)
     max_det: int = Field(100, ge=1)
+    # null: automatic (NMS on the one-to-many head; an end-to-end model's one-to-one branch,
+    # top max_det by score, no NMS); true: the one-to-many head with NMS (e.g. to compare an
+    # end-to-end model's two branches); false: no NMS
+    nms: Optional[bool] = None
+
+
+class PreprocessConfig(_Section):
+    """How evaluation, ``predict``, ``export`` users and the Python API fit an image to the
+    network (training augmentation is unchanged). Defaults: densedet's centred letterbox.
+    Official models converted by ``densedet convert`` carry their own (docs/pretrained.md)."""
+
+    # letterbox: keep the aspect ratio inside input_size, pad the rest (densedet, YOLOX);
+    # shorter_side: shorter side to input_size (an int), longer side at most max_size, pad to
+    # a multiple of size_divisor (torchvision / mmdet FCOS; the input size varies per image);
+    # warp: stretch to input_size with cv2.warpPerspective, aspect ratio not kept (NanoDet-Plus)
+    resize: Literal["letterbox", "shorter_side", "warp"] = "letterbox"
+    # letterbox: image centred (densedet) or at the top-left with the padding bottom-right (YOLOX)
+    letterbox_position: Literal["center", "top_left"] = "center"
+    # grey level 0-255 of the padding, or "mean": the normalisation mean, i.e. zero after
+    # normalising (torchvision / mmdet pad the normalised tensor with zeros)
+    pad_value: Union[int, Literal["mean"]] = 114
+    # resized side length: round (densedet) or floor (YOLOX's int(), torchvision's)
+    size_rounding: Literal["round", "floor"] = "round"
+    # shorter_side: cap on the longer side (torchvision/mmdet: 1333); null = no cap
+    max_size: Optional[int] = Field(None, ge=32)
+    # shorter_side: the padded input is a multiple of this (32)
+    size_divisor: int = Field(32, ge=1)
+    # cv2: cv2.resize INTER_LINEAR on the uint8 image (densedet, YOLOX, mmdet); torch:
+    # bilinear interpolation of the float image (torchvision, align_corners=False)
+    interpolation: Literal["cv2", "torch"] = "cv2"
+
+    @field_validator("pad_value")
+    @classmethod
+    def _grey(cls, v):
+        if isinstance(v, int) and not 0 <= v <= 255:
+            raise ValueError("pad_value is a grey level 0-255 or 'mean'")
+        return v
 
 
 class Config(_Section):
@@ -141,6 +229,7 @@ class Config(_Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     output_dir: str = "runs/exp"
 
     @field_validator("input_size")

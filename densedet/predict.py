@@ -3,7 +3,7 @@
 SOURCE: image files or folders (searched recursively for images). Writes, under ``--out``:
 one drawn copy of every image (boxes, class names, scores) and ``detections.json``::
 
-    {"weights": ..., "classes": [...], "score_thresh": ...,
+    {"weights": ..., "classes": [...], "score_thresh": ..., "branch": "o2m" | "o2o",
      "images": [{"image": path, "width": w, "height": h, "detections": [...], "drawn": path}],
      "errors": [{"file": path, "error": "truncated JPEG: ..."}]}
 
@@ -32,6 +32,7 @@ from densedet.data.dataset import DetectionDataset
 from densedet.data.image import ImageError, read_image
 from densedet.data.index import image_size
 from densedet.data.loader import collate
+from densedet.data.preprocess import Fit
 from densedet.data.sample import Sample
 from densedet.data.transforms import unletterbox_boxes
 from densedet.engine.build import model_from_weights, resolve_device
@@ -97,8 +98,9 @@ def predict_images(model, cfg, classes: list[str], paths: list[Path], device: to
             w = h = 0  # 0: "size unknown", the dataset then decodes fully and trusts the file
         samples.append(Sample(image_id=i, path=str(p), width=w, height=h))
     # the evaluation transform (letterbox), exactly what the model was evaluated with
-    dataset = DetectionDataset(samples, cfg.input_hw, augment=None)
+    dataset = DetectionDataset(samples, cfg.input_hw, augment=None, fit=Fit.from_config(cfg))
     results, errors, batch = [], [], []
+    model.set_branch(cfg.eval.nms)  # end-to-end: only the branch predicted with (eval.nms)
     for i in range(len(dataset)):
         try:
             batch.append(dataset[i])
@@ -109,7 +111,7 @@ def predict_images(model, cfg, classes: list[str], paths: list[Path], device: to
             batch = []
             raw = model(images.to(device))
             dets = model.postprocess(raw, score_thresh=score_thresh, nms_iou=cfg.eval.nms_iou,
-                                     max_det=cfg.eval.max_det)
+                                     max_det=cfg.eval.max_det, nms=cfg.eval.nms)
             for det, meta in zip(dets, metas):
                 (h, w), path = meta["orig_size"], samples[meta["image_id"]].path
                 boxes = unletterbox_boxes(det.boxes.float().cpu(), meta)
@@ -166,8 +168,9 @@ def predict(weights: str, sources: list[str], out: str | Path = "runs/predict", 
         if ok:
             target.write_bytes(encoded.tobytes())
             r["drawn"] = str(target)
+    # branch: "o2o" (an end-to-end model's one-to-one branch, no NMS) or "o2m" (NMS), eval.nms
     payload = {"weights": str(weights), "classes": classes, "score_thresh": score_thresh,
-               "images": results, "errors": errors}
+               "branch": model.inference_branch(cfg.eval.nms), "images": results, "errors": errors}
     (out / "detections.json").write_text(json.dumps(payload, indent=1) + "\n")
     return payload
 

@@ -21,12 +21,15 @@ from densedet.assign import build_assigner
 from densedet.config import load_config
 from densedet.data.dataset import DetectionDataset
 from densedet.data.loader import collate
-from densedet.engine import train
-from densedet.engine.build import model_from_weights, read_split
+from densedet.engine import evaluate_model, train
+from densedet.engine.build import model_from_weights, o2o_assigner_spec, read_split
 from densedet.models import build_model
 
 COLUMNS = ("assigner", "seed", "AP", "AP50", "pos_per_object", "objects_without_pos",
            "assign_ms_per_iter", "wall_s")
+#: end-to-end runs (model.end2end, docs/end2end.md) add: the one-to-many head scored with NMS
+#: (AP, AP50 are the one-to-one branch's, without NMS) and the one-to-one assigner's counts
+E2E_COLUMNS = ("AP_o2m_nms", "AP50_o2m_nms", "o2o_pos_per_object", "o2o_objects_without_pos")
 
 
 def mean_csv_column(path: Path, column: str) -> Optional[float]:
@@ -41,14 +44,17 @@ def mean_csv_column(path: Path, column: str) -> Optional[float]:
 @torch.no_grad()
 def assignment_stats(weights: Path, assigner_name: str, assigner_params: dict,
                      split: Optional[str] = None, batch_size: int = 8,
-                     max_images: int = 200) -> dict:
+                     max_images: int = 200, o2o: bool = False) -> dict:
     """Run a trained model's assigner over validation images with the model's own predictions.
 
     Returns ``pos_per_object`` (mean positives per valid object) and ``objects_without_pos``
-    (fraction of valid objects with no positive prior).
+    (fraction of valid objects with no positive prior). ``o2o``: the end-to-end model's
+    one-to-one assigner on its one-to-one branch's predictions instead.
     """
 
     model, cfg, classes = model_from_weights(weights, log=lambda *_: None)
+    if o2o:
+        assigner_name, assigner_params = o2o_assigner_spec(cfg)
     index = read_split(cfg, split if split is not None else cfg.data.val_split, classes=classes)
     samples = index.samples[:max_images]
     input_size = cfg.input_size if isinstance(cfg.input_size, int) else tuple(cfg.input_size)
@@ -60,7 +66,8 @@ def assignment_stats(weights: Path, assigner_name: str, assigner_params: dict,
         images, targets, _ = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         targets = {k: v.to(device) for k, v in targets.items()}
         raw = model(images.to(device))
-        scores, boxes = model.head.assigner_inputs(raw, raw["priors"])
+        view = model.head.o2o_view(raw) if o2o else raw
+        scores, boxes = model.head.assigner_inputs(view, raw["priors"])
         out = assigner(raw["priors"], scores, boxes, targets["gt_boxes"], targets["gt_labels"],
                        targets["gt_valid"])
         G = targets["gt_valid"].shape[1]
@@ -97,11 +104,18 @@ def run_one(config: str, overrides: Sequence[str], assigner: str, seed: int, epo
         metrics = train(cfg, log=log, resume=resume, force=not resume)
     wall = metrics.get("train", {}).get("train_seconds")
     stats = assignment_stats(run_dir / "best.pt", assigner, cfg.assigner.params)
-    return {"assigner": assigner, "seed": seed, "AP": metrics.get("AP"), "AP50": metrics.get("AP50"),
-            "pos_per_object": stats["pos_per_object"],
-            "objects_without_pos": stats["objects_without_pos"],
-            "assign_ms_per_iter": mean_csv_column(run_dir / "log.csv", "assign_ms"),
-            "wall_s": wall}
+    row = {"assigner": assigner, "seed": seed, "AP": metrics.get("AP"), "AP50": metrics.get("AP50"),
+           "pos_per_object": stats["pos_per_object"],
+           "objects_without_pos": stats["objects_without_pos"],
+           "assign_ms_per_iter": mean_csv_column(run_dir / "log.csv", "assign_ms"),
+           "wall_s": wall}
+    if cfg.model.end2end:  # both branches: the one-to-many head with NMS for comparison
+        nms = evaluate_model(None, run_dir / "best.pt", overrides=["eval.nms=true"])
+        o2o = assignment_stats(run_dir / "best.pt", assigner, cfg.assigner.params, o2o=True)
+        row.update(AP_o2m_nms=nms.get("AP"), AP50_o2m_nms=nms.get("AP50"),
+                   o2o_pos_per_object=o2o["pos_per_object"],
+                   o2o_objects_without_pos=o2o["objects_without_pos"])
+    return row
 
 
 def _fmt(v, pct: bool = False) -> str:
@@ -121,7 +135,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             out.append(rs[0])
             continue
         s = {"assigner": name, "seeds": [r["seed"] for r in rs]}
-        for k in COLUMNS[2:]:
+        for k in COLUMNS[2:] + tuple(k for k in E2E_COLUMNS if k in rs[0]):
             vals = [r[k] for r in rs if r.get(k) is not None]
             s[k] = statistics.fmean(vals) if vals else None
         aps = [r["AP"] for r in rs if r.get("AP") is not None]
@@ -143,6 +157,15 @@ def markdown_table(summary: list[dict]) -> str:
         lines.append(f"| {s['assigner']} | {','.join(map(str, s['seeds']))} | {ap} | {_fmt(s['AP50'], True)} | "
                      f"{_fmt(s['pos_per_object'])} | {_fmt(s['objects_without_pos'], True)}% | "
                      f"{_fmt(s['assign_ms_per_iter'])} | {_fmt(s['wall_s'])} |")
+    e2e = [s for s in summary if "AP_o2m_nms" in s]
+    if e2e:  # end-to-end runs: the other branch (docs/end2end.md)
+        lines += ["", "End-to-end models: mAP above is the one-to-one branch without NMS; the "
+                  "one-to-many head of the same checkpoints with NMS, and the one-to-one assigner:",
+                  "", "| assigner | mAP50-95 o2m+NMS | mAP50 o2m+NMS | o2o pos / object | "
+                  "objects w/o o2o pos |", "|---|---|---|---|---|"]
+        lines += [f"| {s['assigner']} | {_fmt(s['AP_o2m_nms'], True)} | {_fmt(s['AP50_o2m_nms'], True)} | "
+                  f"{_fmt(s['o2o_pos_per_object'])} | {_fmt(s['o2o_objects_without_pos'], True)}% |"
+                  for s in e2e]
     return "\n".join(lines)
 
 

@@ -3,7 +3,9 @@
 One PNG with a panel per assigner: the (letterboxed) image, its ground-truth boxes, and every
 positive prior drawn at its centre, coloured by the object it serves and sized by pyramid
 level (DW: shaded by its positive weight). Beside it a Markdown table: positives per object
-per level, and the objects left with none.
+per level, and the objects left with none. An end-to-end model (``model.end2end``) gets one
+more panel, ``one-to-one: ...``: the positives of its one-to-one assigner (stars; with
+``--weights`` on the one-to-one branch's own predictions), docs/end2end.md.
 """
 from __future__ import annotations
 
@@ -19,10 +21,14 @@ from densedet.boxes import box_iou, box_to_distance
 from densedet.config import load_config
 from densedet.data.dataset import DetectionDataset
 from densedet.data.sample import Sample
-from densedet.engine.build import build_detector, model_from_weights, read_split
+from densedet.engine.build import build_detector, model_from_weights, o2o_assigner_spec, read_split
 from densedet.engine.plots import save_figure
 from densedet.errors import DensedetError
 from densedet.priors import level_ids, priors_for_input
+
+
+#: panel-name prefix of an end-to-end model's one-to-one assignment (drawn as stars)
+ONE_TO_ONE = "one-to-one: "
 
 
 def standin_predictions(priors: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
@@ -166,8 +172,9 @@ def draw_assignments(image: np.ndarray, gt_boxes: Tensor, gt_labels: Tensor,
         centres = priors[pos, :2].numpy()
         # DW's soft weights live in the alpha channel; an opaque edge would hide them
         edge = "none" if a.pos_weight is not None else "black"
-        ax.scatter(centres[:, 0], centres[:, 1], s=sizes, c=colours, edgecolors=edge,
-                   linewidths=0.3)
+        one_to_one = name.startswith(ONE_TO_ONE)  # an end-to-end model's one positive per object
+        ax.scatter(centres[:, 0], centres[:, 1], s=sizes * (4 if one_to_one else 1), c=colours,
+                   edgecolors=edge, linewidths=0.3, marker="*" if one_to_one else "o")
         counts = positives_per_level(a, levels, G, int(levels.max()) + 1 if len(levels) else 1)
         empty = int((counts.sum(axis=1) == 0).sum()) if G else 0
         ax.set_title(f"{name}: {int(pos.sum())} pos, {empty}/{G} objects empty", fontsize=9)
@@ -233,16 +240,26 @@ def assign_viz(config: str, overrides: Sequence[str], image_id: Optional[str], n
     if weights:
         device = next(model.parameters()).device
         with torch.no_grad():
+            model.head.eval_branches = "both"  # end-to-end: the one-to-one branch too
             raw = model(image[None].to(device))
             priors = raw["priors"]
             scores, boxes = model.head.assigner_inputs(raw, priors)
+            if model.end2end:  # what the one-to-one branch hands its assigner
+                o2o_inputs = [t.float().cpu() for t in
+                              model.head.assigner_inputs(model.head.o2o_view(raw), priors)]
         priors, scores, boxes = priors.cpu(), scores.float().cpu(), boxes.float().cpu()
     else:
         priors, _ = priors_for_input(tuple(image.shape[-2:]), model.strides, model.prior_offset)
         scores, boxes = standin_predictions(priors, gt_boxes, gt_labels, gt_valid, C, seed)
+        o2o_inputs = [scores, boxes]
     sizes = [(int(np.ceil(image.shape[-2] / s)), int(np.ceil(image.shape[-1] / s))) for s in model.strides]
     levels = level_ids(sizes)
     assignments = run_assigners(names, C, priors, scores, boxes, gt_boxes, gt_labels, gt_valid)
+    if cfg.model.end2end:  # one more panel: the one-to-one branch's positives (docs/end2end.md)
+        o2o_name, o2o_params = o2o_assigner_spec(cfg)
+        label = f"{ONE_TO_ONE}{o2o_name}" + (f"({o2o_params['base']})" if "base" in o2o_params else "")
+        assignments[label] = build_assigner(o2o_name, C, **o2o_params)(
+            priors, *o2o_inputs, gt_boxes, gt_labels, gt_valid)
     picture = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     source = f"weights {weights}" if weights else "stand-in predictions"
     png = draw_assignments(picture, gt_boxes[0], gt_labels[0], classes, priors, levels, assignments,

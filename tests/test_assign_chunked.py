@@ -4,6 +4,7 @@ the same assignment as the default single chunk, and both must still equal the p
 reference on scenes with hundreds of objects."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -69,14 +70,14 @@ def test_object_chunks_cover_the_objects_within_the_budget():
                             (3, 10, 1, 4), (1, 3, 5, 1), (4, 1, 100, 1)]:
         chunks = common.object_chunks(B, G, A, budget)
         assert chunks[0].start == 0 and chunks[-1].stop == G
-        assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+        assert all(a.stop == b.start for a, b in itertools.pairwise(chunks))
         sizes = [c.stop - c.start for c in chunks]
         assert min(sizes) >= 1
         assert max(sizes) == sizes[0] and len(set(sizes[:-1])) <= 1  # equal but the last
         # within the budget unless one object alone is over it
         assert all(B * s * A <= budget for s in sizes) or sizes == [1] * G
-    assert len(common.object_chunks(1, 5000, 8400)) == 3
-    assert len(common.object_chunks(1, 5000, 33600)) == 11
+    assert len(common.object_chunks(1, 5000, 8400)) == 5  # the default budget
+    assert len(common.object_chunks(1, 5000, 33600)) == 17
     assert common.object_chunks(2, 0, 8400) == []
 
 
@@ -122,7 +123,7 @@ def test_scratch_buffers_are_one_chunk(name, monkeypatch):
     """With a budget, the scratch an assigner keeps between calls is one chunk's size, not
     ``[B, G, A]`` (what bounds the memory of huge scenes)."""
     args, C = make_scene(2, B=2, G=30)
-    B, G, A = 2, 30, args[0].shape[0]
+    B, A = 2, args[0].shape[0]
     monkeypatch.setattr(common, "MAX_CHUNK_PAIRS", 8 * B * A)  # 8 objects per chunk
     assigner = build_assigner(name, C)
     assigner(*args)

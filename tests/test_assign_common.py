@@ -263,3 +263,64 @@ def test_closed_form_backgrounds():
     t = torch.rand(2, 7, 5, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(soft_label_correction(p, t), soft_label_cost(p, t) - soft_label_cost(p, 0.0))
     assert common.bce_background(p)[0, 0] >= 100  # p = 1 costs the clamped 100, not inf
+
+
+def test_log1m_is_the_bce_target_zero_term():
+    p = torch.rand(1000, generator=torch.Generator().manual_seed(6))
+    p[:2] = torch.tensor([0.0, 1.0])
+    assert common.log1m(p)[1] == -common.INF and common.bce_cost(p, 0.0)[1] == 100.0
+    p = p.clamp(max=0.999)  # log1m(1) = log1p(-1) = -inf
+    torch.testing.assert_close(common.log1m(p), torch.log1p(-p), rtol=2.5e-7,
+                               atol=6e-8 / (1 - p.max().item()))
+    torch.testing.assert_close(common.bce_cost(p, 0.0), torch.nn.functional.binary_cross_entropy(
+        p, torch.zeros_like(p), reduction="none"), rtol=1e-6, atol=1e-7)
+
+
+def test_assigned_box_iou_is_the_pairwise_entry_bit_for_bit():
+    gen = torch.Generator().manual_seed(7)
+    B, G, A = 3, 6, 50
+    corners = torch.rand(B, A, 2, 2, generator=gen) * 80
+    pred = torch.cat([corners.amin(2), corners.amax(2)], -1)
+    pred[0, 0] = torch.tensor([5.0, 5.0, 5.0, 9.0])  # zero area
+    corners = torch.rand(B, G, 2, 2, generator=gen) * 80
+    gt = torch.cat([corners.amin(2), corners.amax(2)], -1)
+    gt_index = torch.randint(-1, G, (B, A), generator=gen)
+    got = common.assigned_box_iou(pred, gt, gt_index)
+    pairwise = box_iou(gt, pred).gather(1, gt_index.clamp(min=0)[:, None]).squeeze(1)
+    assert torch.equal(got, torch.where(gt_index >= 0, pairwise, 0.0))
+    assert common.assigned_box_iou(pred, gt[:, :0], gt_index.clamp(max=-1)).eq(0).all()
+
+
+def test_running_arg_best_equals_one_reduction_over_all_objects():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.rand(2, 11, 30, generator=gen).mul(4).floor()  # many ties
+    for largest in (True, False):
+        want_v, want_i = x.max(dim=1) if largest else x.min(dim=1)
+        run = common.RunningArgBest((2, 30), largest, -common.INF if largest else common.INF,
+                                    x.dtype, x.device)
+        for part in common.object_chunks(2, 11, 30, max_pairs=3 * 2 * 30):
+            v, i = x[:, part].max(dim=1) if largest else x[:, part].min(dim=1)
+            run.update(v, i, part.start)
+        assert torch.equal(run.value, want_v) and torch.equal(run.index, want_i)
+
+
+def test_rescue_from_per_object_summaries_equals_ensure_each_gt():
+    gen = torch.Generator().manual_seed(9)
+    B, G, A = 2, 9, 12
+    matched = torch.rand(B, G, A, generator=gen) < 0.3
+    cost = torch.rand(B, G, A, generator=gen).mul(5).floor()  # ties
+    gt_index = torch.randint(-1, G, (B, A), generator=gen)
+    want = common.ensure_each_gt(gt_index, matched, cost)
+    parts = [common.matched_summary(matched[:, p], cost[:, p])
+             for p in common.object_chunks(B, G, A, max_pairs=2 * B * A)]
+    got = common.rescue_matched(gt_index, *(torch.cat(t, dim=1) for t in zip(*parts)))
+    assert torch.equal(got, want)
+
+
+def test_workspace_shares_one_buffer_between_chunks():
+    ws = common.Workspace()
+    a = ws.get("x", (2, 5, 7), torch.float32, torch.device("cpu"), capacity=2 * 5 * 7)
+    b = ws.get("x", (2, 3, 7), torch.float32, torch.device("cpu"), capacity=2 * 5 * 7)
+    assert b.is_contiguous() and b.data_ptr() == a.data_ptr()
+    c = ws.get("x", (2, 5, 8), torch.float32, torch.device("cpu"))  # another size: reallocated
+    assert c.shape == (2, 5, 8) and len(ws._buffers) == 1

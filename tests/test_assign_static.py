@@ -271,3 +271,13 @@ def test_ensure_each_gt_rescues_lost_objects(name):
     assert (plain.gt_index[0] != 1).all() and (plain.gt_index[0] == 0).any()
     rescued = build_assigner(name, num_classes=3, ensure_each_gt=True)(*args)
     assert (rescued.gt_index[0] == 1).sum() == 1 and (rescued.gt_index[0] == 0).any()
+
+
+def test_centerness_target_by_hand():
+    """The one FCOS centerness definition (models import it from here)."""
+    from densedet.assign.fcos import centerness_target
+    points = torch.tensor([[4.0, 4.0], [12.0, 4.0], [0.0, 0.0], [20.0, 4.0]])
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 8.0]]).expand(1, 4, 4)
+    got = centerness_target(points, boxes)
+    want = torch.tensor([[math.sqrt(4 / 12), math.sqrt(4 / 12), 0.0, 0.0]])  # border, outside
+    torch.testing.assert_close(got, want)

@@ -6,7 +6,7 @@ import pytest
 from densedet.assign import ASSIGNERS, Assigner, assigner_class, assigners_for, trains_with
 from densedet.models import build_model
 
-HARD_LABEL = {"fcos", "atss", "simota", "dsl", "lla", "tal", "ota"}
+HARD_LABEL = {"fcos", "atss", "simota", "dsl", "lla", "tal", "ota", "o2o", "tal_o2o"}
 
 
 @pytest.mark.parametrize("family", ["yolox", "fcos", "nanodet", "lla"])

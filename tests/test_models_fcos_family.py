@@ -12,7 +12,8 @@ from densedet.assign import Assignment, build_assigner
 from densedet.losses import dw_loss
 from densedet.models import build_model
 from densedet.models.dw import DWHead
-from densedet.models.fcos import FCOSHead, centerness_target, gather_assigned_boxes
+from densedet.assign.fcos import centerness_target
+from densedet.models.fcos import FCOSHead, gather_assigned_boxes
 from densedet.models.lla import LLAHead
 from densedet.priors import feature_sizes, make_priors
 

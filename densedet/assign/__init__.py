@@ -21,6 +21,9 @@ ASSIGNERS: dict[str, str] = {
     "dw": "densedet.assign.dw:DWAssigner",
     "tal": "densedet.assign.tal:TALAssigner",
     "ota": "densedet.assign.ota:OTAAssigner",
+    # one-to-one (end-to-end) forms, docs/end2end.md: any method's, and YOLO26's TAL
+    "o2o": "densedet.assign.o2o:O2OAssigner",
+    "tal_o2o": "densedet.assign.o2o:TALO2OAssigner",
 }
 
 

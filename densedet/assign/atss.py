@@ -68,8 +68,8 @@ class ATSSAssigner(Assigner):
     uses_predictions = False
 
     def __init__(self, num_classes: int, topk: int = 9, anchor_scale: float = 8.0,
-                 ensure_each_gt: bool = False):
-        super().__init__(num_classes)
+                 ensure_each_gt: bool = False, **small_objects):
+        super().__init__(num_classes, **small_objects)  # stal options (Assigner)
         if not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk must be a positive int, got {topk!r}")
         if anchor_scale <= 0:
@@ -114,8 +114,9 @@ class ATSSAssigner(Assigner):
         cand_iou = box_iou(anchors[cand], gt_boxes[:, :, None, :], aligned=True)  # [B, G, K]
         threshold = mean_plus_std(cand_iou)  # [B, G]
         cand_points = points[cand]  # [B, G, K, 2]
-        margin = torch.cat([cand_points - gt_boxes[:, :, None, :2],
-                            gt_boxes[:, :, None, 2:] - cand_points], dim=-1).amin(dim=-1)
+        inside_boxes = self.candidate_boxes(gt_boxes, gt_valid)  # gt_boxes unless stal
+        margin = torch.cat([cand_points - inside_boxes[:, :, None, :2],
+                            inside_boxes[:, :, None, 2:] - cand_points], dim=-1).amin(dim=-1)
         positive = (cand_iou >= threshold[..., None]) & (margin > INSIDE_EPS) & gt_valid[..., None]
 
         # each prior's positive of highest anchor IoU (ties: the lowest object index), from

@@ -56,12 +56,34 @@ def trains_with(head_needs: frozenset[str], provides: frozenset[str]) -> bool:
     return head_needs <= provides and (provides & SOFT_WEIGHTS) <= head_needs
 
 
+def widen_small_boxes(boxes: Tensor, valid: Optional[Tensor], small_side: float,
+                      widen_to: float) -> Tensor:
+    """YOLO26's STAL widening: each side (width, height) of a box shorter than ``small_side``
+    becomes ``widen_to`` about the box centre, ``x1 = cx - widen_to / 2``,
+    ``x2 = cx + widen_to / 2`` with ``cx = (x1 + x2) / 2`` (likewise y); other sides and rows
+    where ``valid`` is False are kept. ``boxes [..., 4]`` xyxy, ``valid [...]`` bool or None.
+    A new tensor; shapes are kept (no host sync)."""
+    lo, hi = boxes[..., :2], boxes[..., 2:]
+    centre = (lo + hi) / 2
+    small = (hi - lo) < small_side
+    if valid is not None:
+        small &= valid[..., None]
+    half = widen_to / 2
+    return torch.cat([torch.where(small, centre - half, lo),
+                      torch.where(small, centre + half, hi)], dim=-1)
+
+
 class Assigner:
     """Base class: validates shapes, runs ``assign`` in float32 without autograd.
 
     Subclasses implement :meth:`assign` with the same arguments; the base makes every
     method cost-compute in float32 even under autocast (costs like -log(IoU) and 1e5
     penalties lose the ordering in half precision) and never builds a graph.
+
+    Every method whose candidates are "prior centre inside the box" (fcos, atss, simota, dsl,
+    lla, dw, tal, ota) takes the keyword options ``stal=False, stal_small_side=8.0,
+    stal_widen_to=16.0`` (small-object widening for candidate selection only, see
+    :meth:`candidate_boxes` and docs/design.md); the others accept them only as defaults.
     """
 
     name: str = ""
@@ -71,10 +93,33 @@ class Assigner:
     #: quality); heads declare what they need and compatibility follows (:func:`trains_with`).
     provides: frozenset[str] = frozenset()
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, *, stal: bool = False, stal_small_side: float = 8.0,
+                 stal_widen_to: float = 16.0):
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         self.num_classes = num_classes
+        # small-object widening (YOLO26's STAL), for candidate selection only; see
+        # :meth:`candidate_boxes`. Off by default (results unchanged).
+        if not 0 < float(stal_small_side) <= float(stal_widen_to):
+            raise ValueError("need 0 < stal_small_side <= stal_widen_to, got "
+                             f"{stal_small_side!r}, {stal_widen_to!r}")
+        self.stal = bool(stal)
+        self.stal_small_side = float(stal_small_side)
+        self.stal_widen_to = float(stal_widen_to)
+
+    def candidate_boxes(self, gt_boxes: Tensor, gt_valid: Tensor) -> Tensor:
+        """The boxes of the "prior centre inside the box" tests (candidate selection).
+
+        With ``stal`` off: ``gt_boxes`` itself (the same tensor, so results are bit-identical).
+        With ``stal`` on (YOLO26's small-target-aware assignment): :func:`widen_small_boxes`,
+        every side of a valid box shorter than ``stal_small_side`` px is set to
+        ``stal_widen_to`` px about the box centre. IoUs, costs, centre distances, targets and
+        labels always use the real ``gt_boxes``; assigners call this from ``assign`` (so a
+        wrapper calling ``base.assign`` gets it too).
+        """
+        if not self.stal:
+            return gt_boxes
+        return widen_small_boxes(gt_boxes, gt_valid, self.stal_small_side, self.stal_widen_to)
 
     def __call__(self, priors: Tensor, pred_scores: Tensor, pred_boxes: Tensor, gt_boxes: Tensor,
                  gt_labels: Tensor, gt_valid: Tensor) -> Assignment:

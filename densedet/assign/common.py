@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from densedet.assign.base import Assignment
+from densedet.assign.base import Assignment, widen_small_boxes  # noqa: F401 (re-exported)
+from densedet.boxes import EPS as BOX_EPS
 from densedet.boxes import box_iou
 
 INF = float("inf")
@@ -57,11 +58,13 @@ BLOCK_ELEMENTS = 1 << 18
 MIN_BLOCK_PRIORS = 64
 
 #: pairs (``B * g * A``) of one chunk of objects (:func:`object_chunks`): an assigner keeps
-#: two or three ``[B, g, A]`` float32 scratch tensors of a chunk (64 MB each at this size),
-#: so this bounds its memory in huge scenes. Everyday batches (B=16, G=20 or B=2, G=500 at
-#: 640 px: 2.7M and 8.4M pairs) are one chunk; B=1, G=5,000 is 3 chunks at 640 px and 11 at
-#: 1280 px. Shapes decide the chunks, never data (no host sync).
-MAX_CHUNK_PAIRS = 1 << 24
+#: two ``[B, g, A]`` float32 scratch tensors of a chunk (40 MB each at this size), so this
+#: bounds its memory in huge scenes. Everyday batches (B=16, G=20 or B=2, G=500 at 640 px:
+#: 2.7M and 8.4M pairs) are one chunk; B=1, G=5,000 is 5 chunks at 640 px and 17 at 1280 px.
+#: More chunks cost next to nothing (the prior blocks inside keep their size); once there is
+#: more than one, simota and dsl pay one more geometry pass for the image's candidate union
+#: (:func:`prior_any`). Shapes decide the chunks, never data (no host sync).
+MAX_CHUNK_PAIRS = 10 << 20
 
 
 # ---------------------------------------------------------------------- object chunks
@@ -224,7 +227,7 @@ def box_margin(points: Tensor, gt_boxes: Tensor) -> Tensor:
 
 
 def points_in_centre_region(points: Tensor, radii: Tensor, gt_boxes: Tensor,
-                            clip_to_box: bool = False) -> Tensor:
+                            clip_to_box: bool = False, clip_boxes: Tensor | None = None) -> Tensor:
     """Whether each point lies inside a square of half-size ``radii`` around each box centre.
 
     The square's sides are computed as ``centre -/+ radius`` (YOLOX's form) so borders fall
@@ -235,6 +238,8 @@ def points_in_centre_region(points: Tensor, radii: Tensor, gt_boxes: Tensor,
         radii: ``[A]`` half-size of the square for each point (``radius * stride``).
         gt_boxes: ``[B, G, 4]`` xyxy.
         clip_to_box: intersect the square with the box (FCOS centre sampling).
+        clip_boxes: ``[B, G, 4]`` the boxes to clip to when they differ from ``gt_boxes``
+            (the small-object widened candidate boxes, ``Assigner.candidate_boxes``).
     Returns:
         ``[B, G, A]`` bool.
     """
@@ -247,12 +252,12 @@ def points_in_centre_region(points: Tensor, radii: Tensor, gt_boxes: Tensor,
         inside = axis_in if inside is None else inside.logical_and_(axis_in)
     if clip_to_box:
         # max(lo, x1) < x < min(hi, x2)  <=>  lo < x < hi and x1 < x < x2
-        inside &= points_in_boxes(points, gt_boxes)
+        inside &= points_in_boxes(points, gt_boxes if clip_boxes is None else clip_boxes)
     return inside
 
 
 def box_and_centre_gaps(points: Tensor, radii: Tensor, gt_boxes: Tensor,
-                        gt_valid: Tensor) -> tuple[Tensor, Tensor]:
+                        gt_valid: Tensor, box_boxes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """SimOTA's geometry as float "gaps": ``box_gap < 0`` iff the point is inside the box and
     ``centre_gap < 0`` iff it is inside the centre square; ``+inf`` on padding rows.
 
@@ -266,6 +271,9 @@ def box_and_centre_gaps(points: Tensor, radii: Tensor, gt_boxes: Tensor,
 
     Args:
         points: ``[A, 2]``; radii: ``[A]``; gt_boxes: ``[B, G, 4]`` xyxy; gt_valid: ``[B, G]``.
+        box_boxes: ``[B, G, 4]`` the boxes of the inside-box test when they differ from
+            ``gt_boxes`` (the small-object widened ``Assigner.candidate_boxes``); the square
+            stays around the centre of ``gt_boxes``.
     Returns:
         ``(box_gap, centre_gap)``, each ``[B, G, A]`` float.
     """
@@ -277,6 +285,9 @@ def box_and_centre_gaps(points: Tensor, radii: Tensor, gt_boxes: Tensor,
     dx = torch.sub(x, centre[..., 0, None]).abs_()  # [B, G, A]
     dy = torch.sub(y, centre[..., 1, None]).abs_()
     centre_gap = torch.maximum(dx, dy).sub_(radii)
+    if box_boxes is not None and box_boxes is not gt_boxes:
+        box_gap, _ = box_and_centre_gaps(points, radii, box_boxes, gt_valid)
+        return box_gap, centre_gap
     box_gap = torch.maximum(dx.sub_(half[..., 0, None]), dy.sub_(half[..., 1, None]), out=dx)
     return box_gap, centre_gap
 
@@ -383,25 +394,20 @@ def assigned_box_iou(pred_boxes: Tensor, gt_boxes: Tensor, gt_index: Tensor) -> 
     B, A = gt_index.shape
     if gt_boxes.shape[1] == 0:
         return pred_boxes.new_zeros((B, A))
-    box = gt_boxes.gather(1, gt_index.clamp(min=0)[..., None].expand(B, A, 4))  # [B, A, 4]
-    iou = box_iou(pred_boxes, box, aligned=True)
-    return torch.where(gt_index >= 0, iou, 0.0)
+    # box_iou(pred_boxes, assigned boxes, aligned=True), one coordinate at a time on
+    # contiguous [B, A] rows (the [..., :2] slices of [B, A, 4] make every kernel scalar)
+    idx = gt_index.clamp(min=0)
+    gx1, gy1, gx2, gy2 = (gt_boxes[..., i].gather(1, idx) for i in range(4))
+    px1, py1, px2, py2 = pred_boxes.permute(2, 0, 1).contiguous()
+    area = torch.sub(px2, px1).clamp_(min=0).mul_(torch.sub(py2, py1).clamp_(min=0))
+    area += torch.sub(gx2, gx1).clamp_(min=0).mul_(torch.sub(gy2, gy1).clamp_(min=0))
+    w = torch.minimum(px2, gx2).sub_(torch.maximum(px1, gx1)).clamp_(min=0)
+    inter = w.mul_(torch.minimum(py2, gy2).sub_(torch.maximum(py1, gy1)).clamp_(min=0))
+    iou = inter.div_(area.sub_(inter).clamp_(min=BOX_EPS))
+    return iou.masked_fill_(gt_index < 0, 0.0)
 
 
 # ------------------------------------------------------------------------ class cost
-def class_scores_bag(pred_scores: Tensor, gt_labels: Tensor) -> Tensor:
-    """Each prior's score on each object's class, ``[B, A, C]``, ``[B, G]`` -> ``[B, A, G]``.
-
-    Gathers along the class axis, reading each prior's row of C scores once for all objects;
-    gathering along A per object (slice) instead streams the whole ``[B, A, C]`` score tensor
-    through the cache once per slice. Slice it as ``[:, blk].transpose(1, 2)``. Padding
-    labels are clamped into range.
-    """
-    B, A, C = pred_scores.shape
-    idx = gt_labels.clamp(0, C - 1)[:, None, :].expand(B, A, gt_labels.shape[1])
-    return pred_scores.gather(2, idx)
-
-
 def gather_gt_class_scores(pred_scores: Tensor, gt_labels: Tensor) -> Tensor:
     """Each prior's score on each object's class.
 
@@ -472,9 +478,21 @@ def _class_correction(p: Tensor, target: Tensor | float,
     return cost
 
 
+def log1m(p: Tensor) -> Tensor:
+    """``log(1 - p)`` (a new tensor), as ``binary_cross_entropy`` writes its target-0 term.
+
+    Not ``log1p(-p)``: torch's CPU ``log1p`` is not vectorised on some machines (the
+    development VM's AVX-512 build: ~11 ns an element against ~1 ns for ``log``, which made
+    it the largest single cost of the class terms); against ``log1p(-p)`` it differs by the
+    rounding of ``1 - p`` (at most 6e-8 / (1 - p)) and an ulp, far under anything a cost
+    comparison sees.
+    """
+    return torch.rsub(p, 1.0).log_()
+
+
 def bce_background(p: Tensor) -> Tensor:
     """``sum_c BCE(p_c, 0)`` over the last axis: the sign flip happens after the sum."""
-    return p.neg().log1p_().clamp_(min=-100.0).sum(dim=-1).neg_()
+    return log1m(p).clamp_(min=-100.0).sum(dim=-1).neg_()
 
 
 def bce_onehot_correction(p: Tensor, y: Tensor | float = 1.0) -> Tensor:
@@ -496,7 +514,7 @@ def bce_cost(p: Tensor, y: Tensor | float) -> Tensor:
     ``[B, A, C]`` is the largest piece of work in the class cost).
     """
     if _is_scalar(y, 0.0):
-        return p.neg().log1p_().clamp_(min=-100.0).neg_()  # one temporary, not two
+        return log1m(p).clamp_(min=-100.0).neg_()  # one temporary, not two
     if _is_scalar(y, 1.0):
         return p.log().clamp_(min=-100.0).neg_()
     y = torch.as_tensor(y, dtype=p.dtype, device=p.device).expand_as(p)
@@ -517,7 +535,7 @@ def focal_cost(p: Tensor, y: Tensor | float, alpha: float = 0.25, gamma: float =
         if not isinstance(y, (int, float)) or y != 1:
             out.mul_(y)
     if not _is_scalar(y, 1.0):
-        neg = p.neg().log1p_().clamp_(min=-100.0).mul_(p.pow(gamma)).mul_(-(1 - alpha))
+        neg = log1m(p).clamp_(min=-100.0).mul_(p.pow(gamma)).mul_(-(1 - alpha))
         if not isinstance(y, (int, float)) or y != 0:
             neg.mul_(1 - y)
         out = neg if out is None else out.add_(neg)
@@ -823,7 +841,7 @@ def fill_pairs(block_fn: Callable[[slice], tuple[Tensor, Tensor, Tensor]], works
     The mask is returned to the caller (a fresh ``[B, G, A]`` bool tensor); cost and IoU live in
     ``workspace`` buffers reused across calls.
     """
-    B, G, A = shape
+    B, G, _ = shape
     return fill_by_prior_blocks(block_fn, (
         torch.empty(shape, dtype=torch.bool, device=device),
         workspace.get("cost", shape, dtype, device),
@@ -884,7 +902,7 @@ def cost_chunks(pairs: Callable[[slice, slice], tuple[Tensor, ...]],
 
             def block(blk: slice, part=part, pad=pad) -> tuple[Tensor, ...]:
                 out = pairs(part, blk)
-                low, low_idx = out[1].add(pad).min(dim=1)  # this chunk's cheapest valid object
+                low, low_idx = out[1].add(pad).min(dim=1)  # the chunk's cheapest valid object
                 return out + (low, low_idx)
 
             *_, low, low_idx = fill_by_prior_blocks(block, (mask[:, part],) + bufs + (

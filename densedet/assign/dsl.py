@@ -37,7 +37,7 @@ def soft_label_cost(p: Tensor, y: Tensor | float) -> Tensor:
 
 def soft_label_background(p: Tensor) -> Tensor:
     """``sum_c BCE(p_c, 0) * p_c^2`` over the last axis (one temporary, in-place passes)."""
-    return p.neg().log1p_().clamp_(min=-100.0).mul_(p).mul_(p).sum(dim=-1).neg_()
+    return common.log1m(p).clamp_(min=-100.0).mul_(p).mul_(p).sum(dim=-1).neg_()
 
 
 def soft_label_correction(p: Tensor, t: Tensor) -> Tensor:
@@ -48,7 +48,7 @@ def soft_label_correction(p: Tensor, t: Tensor) -> Tensor:
     ``p``'s size and only vectorised in-place passes (``binary_cross_entropy`` and ``pow`` are
     several times slower on CPU).
     """
-    log_q = p.neg().log1p_().clamp_(min=-100.0)  # L0
+    log_q = common.log1m(p).clamp_(min=-100.0)  # L0
     out = p.log().clamp_(min=-100.0).sub_(log_q).mul_(t).add_(log_q).neg_()  # BCE(p, t)
     sq = torch.sub(p, t)
     sq.mul_(sq)  # (p - t)^2
@@ -72,8 +72,9 @@ class DSLAssigner(Assigner):
 
     def __init__(self, num_classes: int, candidate_topk: int = 13, iou_weight: float = 3.0,
                  soft_center_prior: bool = False, soft_center_radius: float = 3.0,
-                 ensure_each_gt: bool = False):
-        super().__init__(num_classes)
+                 ensure_each_gt: bool = False,
+                 **small_objects):
+        super().__init__(num_classes, **small_objects)  # stal options (Assigner)
         self.candidate_topk = int(candidate_topk)
         self.iou_weight = float(iou_weight)
         self.soft_center_prior = bool(soft_center_prior)
@@ -87,7 +88,8 @@ class DSLAssigner(Assigner):
         if gt_boxes.shape[1] == 0:
             return common.empty_assignment(B, A, pred_scores.device)
         G = gt_boxes.shape[1]
-        boxes = common.mask_padding_boxes(gt_boxes, gt_valid)  # padding rows contain nothing
+        # padding rows contain nothing; with stal small boxes are widened (inside tests only)
+        boxes = common.mask_padding_boxes(self.candidate_boxes(gt_boxes, gt_valid), gt_valid)
         bg = common.per_prior_class_sum(pred_scores, soft_label_background)  # [B, A]
         padding_inf = common.row_inf(gt_valid)  # [B, G, 1]: 0, inf on padding rows
         chunks = common.object_chunks(B, G, A)

@@ -70,8 +70,9 @@ class DWAssigner(Assigner):
     name = "dw"
     provides = frozenset({"pos_weight", "neg_weight"})
 
-    def __init__(self, num_classes: int, sigma: float = 1.11, ensure_each_gt: bool = False):
-        super().__init__(num_classes)
+    def __init__(self, num_classes: int, sigma: float = 1.11, ensure_each_gt: bool = False,
+                 **small_objects):
+        super().__init__(num_classes, **small_objects)  # stal options (Assigner)
         if sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
         self.sigma = float(sigma)
@@ -93,7 +94,8 @@ class DWAssigner(Assigner):
                               quality=torch.zeros((B, A), device=dev, dtype=dtype),
                               pos_weight=pred_scores.new_zeros((B, 0, A)), neg_weight=neg_weight,
                               candidate_mask=torch.zeros((B, 0, A), dtype=torch.bool, device=dev))
-        boxes = common.mask_padding_boxes(gt_boxes, gt_valid)  # padding rows contain nothing
+        # padding rows contain nothing; with stal small boxes are widened (inside tests only)
+        boxes = common.mask_padding_boxes(self.candidate_boxes(gt_boxes, gt_valid), gt_valid)
         log_prior_scale = -1.0 / (2 * self.sigma * self.sigma)
         labels = gt_labels.clamp(0, C - 1)
         candidates = torch.empty((B, G, A), dtype=torch.bool, device=dev)  # returned
@@ -109,43 +111,38 @@ class DWAssigner(Assigner):
         summaries = []  # per chunk, for ensure_each_gt
         for part in chunks:
             g = part.stop - part.start
-            all_scores = common.class_scores_bag(pred_scores, gt_labels[:, part])  # [B, A, g]
-            part_boxes, part_gt = boxes[:, part], gt_boxes[:, part]
-            # per-object maximum / minimum candidate IoU (for the P_neg min-max), over all blocks
-            iou_hi = pred_scores.new_full((B, g), -1.0)
+            part_boxes, part_gt, part_labels = boxes[:, part], gt_boxes[:, part], labels[:, part]
+            cand, weights = candidates[:, part], pos_weight[:, part]  # views of the outputs
+            ious = self._workspace.get("ious", (B, g, A), dtype, dev, capacity)
+            den_terms = self._workspace.get("den_terms", (B, g, A), dtype, dev, capacity)
+            # per-object maximum / minimum candidate IoU (for the P_neg min-max), over all
+            # blocks; an object without candidates ends with hi 0 and lo >= 2 (no span)
+            iou_hi = pred_scores.new_zeros((B, g))
             iou_lo = pred_scores.new_full((B, g), 2.0)
+            blocks = common.prior_blocks(B * g, A, dev)  # see common.fill_by_prior_blocks
 
-            def inside_and_scores(blk: slice, part_boxes=part_boxes, all_scores=all_scores):
-                """Candidates as a float 0/1 mask and each object's class score, ``[B, g, a]``."""
-                inside = common.box_margin(priors[blk, :2], part_boxes).gt_(0.0)  # float: fast
-                return inside, all_scores[:, blk].transpose(1, 2).contiguous()
-
-            # Pass 1, by blocks of priors: everything per pair, and the per-object reductions
-            # (the e^{3t} sum, the IoU range) that pass 2 needs.
-            def pass1(blk: slice, part_gt=part_gt, iou_hi=iou_hi, iou_lo=iou_lo,
-                      inside_and_scores=inside_and_scores) -> tuple[Tensor, ...]:
-                inside, scores = inside_and_scores(blk)
-                ious, giou = box_iou(part_gt, pred_boxes[:, blk], mode="iou_giou")  # [B, g, a]
+            # Pass 1, by blocks of priors: everything per pair (written straight into the
+            # outputs and the chunk's scratch), and the per-object reductions (the e^{3t} sum,
+            # the IoU range) that pass 2 needs.
+            for blk in blocks:
+                margin = common.box_margin(priors[blk, :2], part_boxes)  # [B, g, a]
+                torch.gt(margin, 0.0, out=cand[..., blk])
+                inside = margin.gt_(0.0)  # the same test as a float 0/1 (fast on CPU)
+                scores = common.gather_gt_class_scores(pred_scores[:, blk], part_labels)
+                iou, giou = box_iou(part_gt, pred_boxes[:, blk], mode="iou_giou")  # [B, g, a]
+                ious[..., blk] = iou
                 # t = s * exp(-5 (1 - GIoU)), zeroed outside the candidates: their terms are 0
                 t = giou.sub_(1).mul_(5).exp_().mul_(scores).mul_(inside)
                 log_prior = centre_distance_sq(priors[blk], part_gt).mul_(log_prior_scale)
                 log_prior.clamp_(min=LOG_PRIOR_MIN)
                 # e^{3t} * t * prior and e^{5t} * t * prior, each as one exp(kt + log prior)
-                den_terms = t.mul(3).add_(log_prior).exp_().mul_(t)
-                numerator = log_prior.add_(t.mul(5)).exp_().mul_(t)
-                # candidate IoU range: -1 / 2 outside (exact: iou * 1 + 0, 0 + (-1))
-                outside = inside.neg().add_(1.0)
-                torch.maximum(iou_hi, torch.addcmul(outside.neg(), ious, inside).amax(-1),
-                              out=iou_hi)
-                torch.minimum(iou_lo, torch.addcmul(outside.mul_(2), ious, inside).amin(-1),
-                              out=iou_lo)
-                return inside.bool(), ious, den_terms, numerator
-
-            _, ious, den_terms, _ = common.fill_by_prior_blocks(pass1, (
-                candidates[:, part],
-                self._workspace.get("ious", (B, g, A), dtype, dev, capacity),
-                self._workspace.get("den_terms", (B, g, A), dtype, dev, capacity),
-                pos_weight[:, part]), rows=B * g)
+                torch.mul(t.mul(3).add_(log_prior).exp_(), t, out=den_terms[..., blk])
+                torch.mul(log_prior.add_(t.mul(5)).exp_(), t, out=weights[..., blk])
+                # candidate IoU range; exact: iou * 1 and iou + 2 * 0 at candidates, 0 and
+                # >= 2 elsewhere (IoU is in [0, 1])
+                torch.maximum(iou_hi, iou.mul_(inside).amax(-1), out=iou_hi)
+                torch.minimum(iou_lo, torch.add(ious[..., blk], inside.neg_().add_(1.0),
+                                                alpha=2.0).amin(-1), out=iou_lo)
             den = den_terms.sum(dim=-1, keepdim=True).clamp_(min=SUM_EPS)  # [B, g, 1]
             # P_neg min-max: f decreases with IoU (rounding keeps the order), so f_min / f_max
             # over the candidates are f of the largest / smallest candidate IoU
@@ -154,38 +151,33 @@ class DWAssigner(Assigner):
             span = f_hi - f_min
             ok = span > 0  # else (one candidate, equal IoUs) P_neg = 1 on the whole object
             span = torch.where(ok, span, torch.ones_like(span))
-            part_labels = labels[:, part]
+            # P_neg = min(1, (f(IoU) - f_min) / span) then, exactly: at a candidate with
+            # IoU < 0.5, f > 1 >= f_hi, so the ratio is >= 1; with IoU >= 0.5, f <= f_hi and
+            # it is <= 1. Outside the candidates IoU is taken as 0 (f = 4/3 > 1: ratio >= 1),
+            # and objects without a span get f_min = -inf (ratio inf): P_neg = 1 for both.
+            f_min = torch.where(ok, f_min, -common.INF)
 
             # Pass 2: normalised positive weights, P_neg, and the chunk's best object.
-            def pass2(blk: slice, part=part, ious=ious, den=den, f_min=f_min, span=span, ok=ok,
-                      part_labels=part_labels, inside_and_scores=inside_and_scores):
-                inside, scores = inside_and_scores(blk)
-                weight = pos_weight[:, part, blk].div_(den)  # in place in the returned tensor
+            top = torch.empty((B, A), dtype=dtype, device=dev)
+            idx = torch.empty((B, A), dtype=torch.long, device=dev)
+            top_iou = torch.empty((B, A), dtype=dtype, device=dev)
+            for blk in blocks:
+                inside = cand[..., blk].to(dtype)
+                weight = weights[..., blk].div_(den)  # in place in the returned tensor
                 iou = ious[..., blk]
-                # P_neg = 1 for IoU < 0.5, outside the candidates and on objects without a
-                # span (all three as one comparison: iou * 0 < 0.5 for the last two), as a
-                # float 0/1
-                keep_one = iou.mul(inside).mul_(ok).lt_(NEG_IOU)
-                neg = neg_iou_f(iou.clone()).sub_(f_min).div_(span)
-                # neg * (1 - keep) + keep: exactly neg or 1 (faster than masked_fill on CPU)
-                neg = torch.addcmul(keep_one, neg, keep_one.neg().add_(1.0))
+                neg = neg_iou_f(iou.mul(inside)).sub_(f_min).div_(span).clamp_(max=1.0)
+                scores = common.gather_gt_class_scores(pred_scores[:, blk], part_labels)
                 neg.mul_(scores).mul_(scores)  # [B, g, a]
-                index = part_labels[:, None, :].expand(B, neg.shape[-1], neg.shape[1])
+                index = part_labels[:, None, :].expand(B, neg.shape[-1], g)
                 neg_weight[:, blk].scatter_reduce_(2, index, neg.transpose(1, 2), reduce="amin",
                                                    include_self=True)
                 # the candidate object with the largest weight (ties: the lowest index);
                 # weights are 0 outside, so weight - outside is -1 there and >= 0 inside
-                top, idx = weight.sub(inside.neg_().add_(1.0)).max(dim=1)  # [B, a]
-                return top, idx, iou.gather(1, idx[:, None]).squeeze(1)
-
-            top, idx, top_iou = common.fill_by_prior_blocks(pass2, (
-                torch.empty((B, A), dtype=dtype, device=dev),
-                torch.empty((B, A), dtype=torch.long, device=dev),
-                torch.empty((B, A), dtype=dtype, device=dev)), rows=B * g)
+                top[:, blk], idx[:, blk] = weight.sub(inside.neg_().add_(1.0)).max(dim=1)
+                top_iou[:, blk] = iou.gather(1, idx[:, None, blk]).squeeze(1)
             quality = torch.where(best.update(top, idx, part.start), top_iou, quality)
             if self.ensure_each_gt:
-                summaries.append(common.matched_summary(candidates[:, part],
-                                                        pos_weight[:, part].neg()))
+                summaries.append(common.matched_summary(cand, weights.neg()))
         gt_index = best.index
         if self.ensure_each_gt:
             any_cand, best_prior, best_cost = (torch.cat(t, dim=1) for t in zip(*summaries))

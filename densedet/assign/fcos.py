@@ -88,8 +88,8 @@ class FCOSAssigner(Assigner):
 
     def __init__(self, num_classes: int, center_sampling: bool = True, center_radius: float = 1.5,
                  regress_ranges: Sequence[Sequence[float]] = DEFAULT_REGRESS_RANGES,
-                 ensure_each_gt: bool = False):
-        super().__init__(num_classes)
+                 ensure_each_gt: bool = False, **small_objects):
+        super().__init__(num_classes, **small_objects)  # stal options (Assigner)
         if center_radius <= 0:
             raise ValueError(f"center_radius must be > 0, got {center_radius!r}")
         ranges = tuple((float(lo), float(hi)) for lo, hi in regress_ranges)
@@ -125,6 +125,7 @@ class FCOSAssigner(Assigner):
         lo, hi = common.contiguous_columns(ranges)  # [A] each, contiguous (broadcast operands)
         radii = self.center_radius * priors[:, 2]
         areas = box_area(gt_boxes)  # [B, G]
+        cand_boxes = self.candidate_boxes(gt_boxes, gt_valid)  # the inside tests (stal)
         matched = torch.empty((B, G, A), dtype=torch.bool, device=dev)  # returned
         # each prior's winner over the chunks of objects: the smallest area; a later chunk
         # must be strictly smaller, so equal areas keep the lowest object index
@@ -140,8 +141,11 @@ class FCOSAssigner(Assigner):
                 boxes = gt_boxes[:, part]
                 left, top, right, bottom = side_distances(points[blk], boxes)  # [B, g, a]
                 if self.center_sampling:
-                    inside = common.points_in_centre_region(points[blk], radii[blk], boxes,
-                                                            clip_to_box=True)
+                    inside = common.points_in_centre_region(
+                        points[blk], radii[blk], boxes, clip_to_box=True,
+                        clip_boxes=cand_boxes[:, part] if self.stal else None)
+                elif self.stal:
+                    inside = common.box_margin(points[blk], cand_boxes[:, part]) > 0
                 else:
                     inside = torch.minimum(torch.minimum(left, top),
                                            torch.minimum(right, bottom)) > 0

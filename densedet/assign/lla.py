@@ -44,8 +44,9 @@ class LLAAssigner(Assigner):
     name = "lla"
 
     def __init__(self, num_classes: int, topk: int = 10, reg_weight: float = 1.5,
-                 ensure_each_gt: bool = False):
-        super().__init__(num_classes)
+                 ensure_each_gt: bool = False,
+                 **small_objects):
+        super().__init__(num_classes, **small_objects)  # stal options (Assigner)
         self.topk = int(topk)
         self.reg_weight = float(reg_weight)
         self.ensure_each_gt = bool(ensure_each_gt)
@@ -57,7 +58,8 @@ class LLAAssigner(Assigner):
         if gt_boxes.shape[1] == 0:
             return common.empty_assignment(B, A, pred_scores.device)
         G = gt_boxes.shape[1]
-        boxes = common.mask_padding_boxes(gt_boxes, gt_valid)  # padding rows contain nothing
+        # padding rows contain nothing; with stal small boxes are widened (inside tests only)
+        boxes = common.mask_padding_boxes(self.candidate_boxes(gt_boxes, gt_valid), gt_valid)
         bg = common.per_prior_class_sum(pred_scores, focal_background)  # [B, A]
         # the penalty per pair outside the box; inf on padding rows, which keeps them from
         # choosing or winning anything

@@ -167,8 +167,9 @@ class OTAAssigner(Assigner):
     def __init__(self, num_classes: int, candidate_topk: int = 20, reg_weight: float = 1.5,
                  center_radius: float = 2.5, sinkhorn_eps: float = 0.1, sinkhorn_iters: int = 50,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-                 ensure_each_gt: bool = False):
-        super().__init__(num_classes)
+                 ensure_each_gt: bool = False,
+                 **small_objects):
+        super().__init__(num_classes, **small_objects)  # stal options (Assigner)
         self.candidate_topk = int(candidate_topk)
         self.reg_weight = float(reg_weight)
         self.center_radius = float(center_radius)
@@ -196,7 +197,8 @@ class OTAAssigner(Assigner):
         alpha, gamma = self.focal_alpha, self.focal_gamma
         focal = functools.partial(common.focal_cost, alpha=alpha, gamma=gamma)
         correction = functools.partial(focal_onehot_correction, alpha=alpha, gamma=gamma)
-        boxes = common.mask_padding_boxes(gt_boxes, gt_valid)  # padding rows contain nothing
+        # padding rows contain nothing; with stal small boxes are widened (inside tests only)
+        boxes = common.mask_padding_boxes(self.candidate_boxes(gt_boxes, gt_valid), gt_valid)
         radii = self.center_radius * priors[:, 2]
         bg = common.per_prior_class_sum(  # [B, A]
             pred_scores, functools.partial(focal_background, alpha=alpha, gamma=gamma))

@@ -38,8 +38,9 @@ class SimOTAAssigner(Assigner):
     name = "simota"
 
     def __init__(self, num_classes: int, center_radius: float = 2.5, candidate_topk: int = 10,
-                 iou_weight: float = 3.0, center_only: bool = False, ensure_each_gt: bool = False):
-        super().__init__(num_classes)
+                 iou_weight: float = 3.0, center_only: bool = False, ensure_each_gt: bool = False,
+                 **small_objects):
+        super().__init__(num_classes, **small_objects)  # stal options (Assigner)
         self.center_radius = float(center_radius)
         self.candidate_topk = int(candidate_topk)
         self.iou_weight = float(iou_weight)
@@ -47,8 +48,8 @@ class SimOTAAssigner(Assigner):
         self.ensure_each_gt = bool(ensure_each_gt)
         self._workspace = common.Workspace()
 
-    def geometry_gaps(self, priors: Tensor, gt_boxes: Tensor,
-                      gt_valid: Tensor) -> tuple[Tensor, Tensor]:
+    def geometry_gaps(self, priors: Tensor, gt_boxes: Tensor, gt_valid: Tensor,
+                      candidate_boxes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Each object's own candidate region and the no-penalty region, as float "gaps".
 
         Returns:
@@ -57,7 +58,9 @@ class SimOTAAssigner(Assigner):
             penalty-free region (box AND centre square; the centre square when
             ``center_only``) is ``penalty_gap < 0``; both ``>= 0`` on padding rows. Floats
             rather than masks because float passes are several times cheaper on CPU than
-            bool ones (see ``common.box_and_centre_gaps``).
+            bool ones (see ``common.box_and_centre_gaps``). ``candidate_boxes``: the boxes
+            of the inside-box test when they differ (``stal``); the square stays around the
+            real box centre.
         """
         radii = self.center_radius * priors[:, 2]
         if self.center_only:
@@ -65,7 +68,8 @@ class SimOTAAssigner(Assigner):
             region &= gt_valid[..., None]
             gap = torch.where(region, -1.0, 1.0)
             return gap, gap.clone()
-        box_gap, centre_gap = common.box_and_centre_gaps(priors[:, :2], radii, gt_boxes, gt_valid)
+        box_gap, centre_gap = common.box_and_centre_gaps(priors[:, :2], radii, gt_boxes, gt_valid,
+                                                         candidate_boxes)
         return torch.minimum(box_gap, centre_gap), torch.maximum(box_gap, centre_gap, out=box_gap)
 
     def assign(self, priors: Tensor, pred_scores: Tensor, pred_boxes: Tensor, gt_boxes: Tensor,
@@ -79,18 +83,26 @@ class SimOTAAssigner(Assigner):
         # keeps them from choosing or winning anything
         penalty = torch.where(gt_valid, 1e6 if self.center_only else 1e5, common.INF)[..., None]
         chunks = common.object_chunks(B, G, A)
+        # the inside-box tests' boxes (widened small boxes with stal), None when they are gt_boxes
+        cand_boxes = self.candidate_boxes(gt_boxes, gt_valid) if self.stal else None
+
+        def cand(part: slice) -> Tensor | None:
+            return None if cand_boxes is None else cand_boxes[:, part]
+
         union = None  # the image's candidates (union of the objects' regions), [B, A]
         if len(chunks) > 1:  # needed by every chunk: first, over all chunks
             union = common.prior_any(
                 lambda part, blk: self.geometry_gaps(priors[blk], gt_boxes[:, part],
-                                                     gt_valid[:, part])[0].amin(dim=1) < 0,
+                                                     gt_valid[:, part],
+                                                     cand(part))[0].amin(dim=1) < 0,
                 chunks, B, A, pred_scores.device)
 
         def pairs(part: slice, blk: slice) -> tuple[Tensor, Tensor, Tensor]:
             """Region, cost and IoU of the objects ``part`` with the priors ``blk``,
             ``[B, g, a]``."""
             boxes = gt_boxes[:, part]
-            region_gap, penalty_gap = self.geometry_gaps(priors[blk], boxes, gt_valid[:, part])
+            region_gap, penalty_gap = self.geometry_gaps(priors[blk], boxes, gt_valid[:, part],
+                                                         cand(part))
             # the image's candidates: cost inf elsewhere
             candidate = region_gap.amin(dim=1) < 0 if union is None else union[:, blk]  # [B, a]
             ious = common.pairwise_iou(pred_boxes[:, blk], boxes)  # [B, g, a]

@@ -24,7 +24,6 @@ from torch import Tensor
 
 from densedet.assign import common
 from densedet.assign.base import Assigner, Assignment
-from densedet.assign.common import class_scores_bag  # noqa: F401  (its former home)
 from densedet.boxes import box_iou
 
 INSIDE_EPS = 1e-9
@@ -69,8 +68,9 @@ class TALAssigner(Assigner):
     provides = frozenset({"align_target"})
 
     def __init__(self, num_classes: int, topk: int = 13, alpha: float = 1.0, beta: float = 6.0,
-                 ensure_each_gt: bool = False):
-        super().__init__(num_classes)
+                 ensure_each_gt: bool = False,
+                 **small_objects):
+        super().__init__(num_classes, **small_objects)  # stal options (Assigner)
         if not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk must be a positive int, got {topk!r}")
         self.topk = topk
@@ -90,7 +90,8 @@ class TALAssigner(Assigner):
             return self._result(gt_index, gt_labels, zeros, zeros.clone(),
                                 torch.zeros((B, 0, A), dtype=torch.bool, device=dev))
         # padding rows contain nothing, so their metric is 0 and they never choose a prior
-        boxes = common.mask_padding_boxes(gt_boxes, gt_valid)
+        # padding rows contain nothing; with stal small boxes are widened (inside tests only)
+        boxes = common.mask_padding_boxes(self.candidate_boxes(gt_boxes, gt_valid), gt_valid)
         candidates = torch.empty((B, G, A), dtype=torch.bool, device=dev)  # returned
         chunks = common.object_chunks(B, G, A)
         capacity = B * (chunks[0].stop - chunks[0].start) * A
@@ -101,17 +102,16 @@ class TALAssigner(Assigner):
         summaries = []  # per chunk, for ensure_each_gt
         for part in chunks:
             g = part.stop - part.start
-            # scores on the objects' classes, [B, A, g]: one pass over the scores per chunk
-            all_scores = common.class_scores_bag(pred_scores, gt_labels[:, part])
 
             # Pass 1, by blocks of priors (see common.fill_by_prior_blocks): candidates, IoU
             # and the alignment metric, 0 outside the candidates.
-            def pass1(blk: slice, part=part, all_scores=all_scores) -> tuple[Tensor, ...]:
+            def pass1(blk: slice, part=part) -> tuple[Tensor, ...]:
                 margin = common.box_margin(priors[blk, :2], boxes[:, part])  # [B, g, a]
                 inside = margin > INSIDE_EPS
                 ious = box_iou(gt_boxes[:, part], pred_boxes[:, blk])  # [B, g, a]
-                # one transposed copy: a strided operand makes the elementwise kernels scalar
-                scores = all_scores[:, blk].transpose(1, 2).contiguous()  # [B, g, a]
+                # scores on the objects' classes (gathered along the class axis, then one
+                # contiguous transposed copy: a strided operand makes the kernels scalar)
+                scores = common.gather_gt_class_scores(pred_scores[:, blk], gt_labels[:, part])
                 metric = int_pow(scores, self.alpha) * int_pow(ious, self.beta)
                 metric.mul_(margin.gt_(INSIDE_EPS))  # * float 0/1: exact, faster than masked_fill
                 return inside, ious, metric
@@ -120,7 +120,6 @@ class TALAssigner(Assigner):
                 candidates[:, part],
                 self._workspace.get("ious", (B, g, A), dtype, dev, capacity),
                 self._workspace.get("metric", (B, g, A), dtype, dev, capacity)), rows=B * g)
-            del all_scores
             # chosen = metric >= (the object's topk-th largest) and metric > 0, i.e. one test
             # against max(kth, the smallest positive float)
             kth = topk_threshold(metric, self.topk)  # [B, g, 1]

@@ -1,11 +1,13 @@
 """Assignment speed and memory: every batched assigner against its per-image reference.
 
-    densedet bench assign [--methods fcos atss ...] [--repeats N] [--ref-repeats R] [--threads T]
+    densedet bench assign [--methods fcos atss ...] [--scenes "B16 G20" ...] [--repeats N]
+                          [--ref-repeats R] [--threads T]
     python benchmarks/assign.py ...   (the same)
 
 ``assign`` times every batched assigner against its per-image reference loop (and against
 Ultralytics' ``TaskAlignedAssigner`` when ``ultralytics`` is installed) on realistic random
-scenes, and prints a table. The code lives in the package so that it runs the
+scenes (:data:`SCENES`: a training batch, a crowd, and one image with 5,000 small objects at
+640 and 1280 px), and prints a table with each call's peak extra memory. The code lives in the package so that it runs the
 same from a checkout and when installed.
 """
 from __future__ import annotations

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("densedet.cli.eval", "score detections (or a trained model) with COCO and VOC metrics"),
     "predict": ("densedet.cli.predict", "run a trained model on images or folders"),
     "export": ("densedet.cli.export", "export a trained model (ONNX)"),
+    "convert": ("densedet.cli.convert", "official YOLOX / NanoDet-Plus / FCOS weights as a densedet checkpoint"),
     "assign-viz": ("densedet.cli.assign_viz", "draw what each assigner decides on one image"),
     "shootout": ("densedet.cli.shootout", "train once per assigner and compare"),
     "bench": ("densedet.cli.bench", "benchmarks (assign, train speed)"),

@@ -31,10 +31,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         hw = cfg.input_hw
     out = Path(args.out) if args.out else Path(args.weights).with_suffix(".onnx")
-    export_onnx(model, out, hw, opset=args.opset)
-    print(f"wrote {out}: input images [B, 3, {hw[0]}, {hw[1]}] RGB in [0, 1]; outputs scores "
-          f"[B, A, {len(classes)}], boxes [B, A, 4] xyxy input px (no NMS); classes: {', '.join(classes)}")
-    diff = check_onnx(model, out, hw, atol=args.atol)
+    nms, max_det = cfg.eval.nms, cfg.eval.max_det
+    export_onnx(model, out, hw, opset=args.opset, nms=nms, max_det=max_det)
+    if model.inference_branch(nms) == "o2o":  # end-to-end: docs/end2end.md
+        what = (f"output detections [B, {max_det}, 6] (x1, y1, x2, y2 input px, score, class) "
+                "from the one-to-one branch, top-k by score, no NMS")
+    else:
+        what = (f"outputs scores [B, A, {len(classes)}], boxes [B, A, 4] xyxy input px (no NMS)")
+    print(f"wrote {out}: input images [B, 3, {hw[0]}, {hw[1]}] RGB in [0, 1]; {what}; classes: "
+          f"{', '.join(classes)}")
+    diff = check_onnx(model, out, hw, atol=args.atol, nms=nms, max_det=max_det)
     if diff is None:
         print("onnxruntime not installed: parity check skipped (pip install onnxruntime)")
     else:

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from densedet.data.image import read_image
+from densedet.data.preprocess import Fit, fit_boxes, fit_image
 from densedet.data.sample import Sample
 from densedet.data.transforms import (PAD_VALUE, Augmentation, clip_boxes_np, hflip, hsv_jitter,
                                       letterbox, letterbox_boxes, letterbox_params, mixup, mosaic,
@@ -96,13 +97,18 @@ class DetectionDataset(Dataset):
 
     def __init__(self, samples: list[Sample], input_size: int | tuple[int, int],
                  augment: Augmentation | None = None, ignore_mode: str = "drop",
-                 fast_decode: bool = True):
+                 fast_decode: bool = True, fit: Fit | None = None):
         if ignore_mode not in _IGNORE_MODES:
             raise DensedetError(f"ignore_mode must be one of {_IGNORE_MODES}, got {ignore_mode!r}")
         if isinstance(input_size, int):
             input_size = (input_size, input_size)
         self.samples = list(samples)
         self.input_size = (int(input_size[0]), int(input_size[1]))
+        # evaluation view other than the centred letterbox (an official model's resize,
+        # densedet.data.preprocess); decoded at full resolution, as the official code does
+        self.fit = fit if fit is not None and not fit.is_default else None
+        if self.fit is not None:
+            fast_decode = False
         self.augment = augment
         self.ignore_mode = ignore_mode
         self.fast_decode = fast_decode
@@ -206,6 +212,14 @@ class DetectionDataset(Dataset):
             index, seed = index
         index = int(index)
         sample = self.samples[index]
+        if self.augment is None and self.fit is not None:
+            image, boxes, labels, orig = self.load(index)
+            tensor, fit_meta = fit_image(image, self.input_size, self.fit, orig_size=orig)
+            meta = dict(image_id=sample.image_id, orig_size=orig, mosaic=False, **fit_meta)
+            boxes = fit_boxes(boxes.reshape(-1, 4), fit_meta)
+            target = dict(boxes=torch.from_numpy(boxes),
+                          labels=torch.from_numpy(np.ascontiguousarray(labels, np.int64).reshape(-1)))
+            return tensor, target, meta
         if self.augment is None:
             image, boxes, labels, orig, scale, pad = self._letterboxed(index)
             meta_extra = dict(scale=scale, pad=pad, mosaic=False)

@@ -32,8 +32,24 @@ def collate(batch: list) -> tuple[torch.Tensor, dict, list]:
     any object still has one all-invalid row, so no tensor is 0-sized. Padding rows hold
     zero boxes and label 0 (a valid class index, so careless gathers cannot crash) and are
     marked False in ``gt_valid``.
+
+    Images of different sizes (``preprocess.resize=shorter_side``) are padded at the
+    bottom-right to the largest, with their meta's ``fill`` (RGB in [0, 1]; 0 without one),
+    as torchvision batches them.
     """
-    images = torch.stack([item[0] for item in batch])
+    shapes = {tuple(item[0].shape) for item in batch}
+    if len(shapes) > 1:
+        H = max(item[0].shape[-2] for item in batch)
+        W = max(item[0].shape[-1] for item in batch)
+        padded = []
+        for image, _, meta in batch:
+            fill = torch.tensor(meta.get("fill", (0.0, 0.0, 0.0)), dtype=image.dtype).view(3, 1, 1)
+            out = fill.expand(3, H, W).clone()
+            out[:, : image.shape[-2], : image.shape[-1]] = image
+            padded.append(out)
+        images = torch.stack(padded)
+    else:
+        images = torch.stack([item[0] for item in batch])
     counts = [len(item[1]["labels"]) for item in batch]
     B, G = len(batch), max([1] + counts)
     gt_boxes = torch.zeros(B, G, 4, dtype=torch.float32)

@@ -202,26 +202,34 @@ def letterbox_boxes(boxes: np.ndarray, scale: float, pad: tuple[int, int]) -> np
     return (boxes * np.float32(scale) + offset).astype(np.float32)
 
 
-def unletterbox_boxes(boxes, meta: dict):
+def unletterbox_boxes(boxes, meta: dict, clip: bool = True):
     """Map ``[N, 4]`` xyxy input-pixel boxes back to the original image, clipped to it.
 
     Args:
         boxes: ``[N, 4]`` numpy array or torch tensor (type and dtype are kept).
         meta: a dataset ``meta`` dict with ``scale``, ``pad (left, top)``, ``orig_size (h, w)``.
             Valid for letterboxed (evaluation) samples; augmented samples have no inverse.
+            ``scale`` is one number, or ``(sx, sy)`` per axis (``densedet.data.preprocess``).
+        clip: clip to the original image (False: the raw mapping, e.g. for pre-NMS boxes).
     """
     if meta.get("scale") is None:
         raise ValueError("unletterbox_boxes: this sample was augmented (mosaic); it has no "
                          "mapping back to the original image")
     left, top = meta["pad"]
     h, w = meta["orig_size"]
-    scale = float(meta["scale"])
+    sx, sy = (meta["scale"], meta["scale"]) if np.isscalar(meta["scale"]) else meta["scale"]
+    scale = [float(sx), float(sy), float(sx), float(sy)] if sx != sy else float(sx)
     if isinstance(boxes, np.ndarray):
         offset = np.array([left, top, left, top], dtype=boxes.dtype)
-        return clip_boxes_np((boxes - offset) / scale, h, w).astype(boxes.dtype)
+        out = (boxes - offset) / np.asarray(scale, dtype=boxes.dtype)
+        return (clip_boxes_np(out, h, w) if clip else out).astype(boxes.dtype)
     import torch  # tensors come from the model; keep this module importable without them
     offset = torch.tensor([left, top, left, top], dtype=boxes.dtype, device=boxes.device)
+    if isinstance(scale, list):
+        scale = torch.tensor(scale, dtype=boxes.dtype, device=boxes.device)
     out = (boxes - offset) / scale
+    if not clip:
+        return out
     x = out[..., 0::2].clamp(0, w)
     y = out[..., 1::2].clamp(0, h)
     return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)

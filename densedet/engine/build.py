@@ -40,6 +40,26 @@ def assigner_name(cfg: Config) -> str:
     return cfg.assigner.name or DEFAULT_ASSIGNER.get(cfg.model.name, "")
 
 
+def o2o_assigner_spec(cfg: Config) -> tuple[str, dict]:
+    """``(name, params)`` of an end-to-end model's one-to-one assigner: ``assigner.o2o``, or
+    by default ``o2o`` over the one-to-many method and its params (docs/end2end.md)."""
+    if cfg.assigner.o2o is not None:
+        return cfg.assigner.o2o.name, dict(cfg.assigner.o2o.params)
+    return "o2o", {"base": assigner_name(cfg), "base_params": dict(cfg.assigner.params)}
+
+
+def build_o2o_assigner(cfg: Config, num_classes: int):
+    """The one-to-one assigner of :func:`o2o_assigner_spec`; refusals as DensedetError."""
+    name, params = o2o_assigner_spec(cfg)
+    if name not in ASSIGNERS:
+        raise DensedetError(f"assigner.o2o.name: unknown assigner {name!r}; choose one of "
+                            f"{', '.join(ASSIGNERS)}")
+    try:
+        return build_assigner(name, num_classes=num_classes, **params)
+    except (TypeError, ValueError) as e:
+        raise DensedetError(f"assigner.o2o: {e}") from None
+
+
 def build_detector(cfg: Config, num_classes: int, with_assigner: bool = True) -> nn.Module:
     """``build_model`` + ``build_assigner`` from the config; every refusal becomes a
     :class:`DensedetError` naming the model and the assigner."""
@@ -57,11 +77,37 @@ def build_detector(cfg: Config, num_classes: int, with_assigner: bool = True) ->
             assigner = build_assigner(aname, num_classes=num_classes, **cfg.assigner.params)
         except (TypeError, ValueError) as e:
             raise DensedetError(f"assigner.params: {e}") from None
+    o2o_assigner = None
+    if with_assigner and cfg.model.end2end:
+        o2o_assigner = build_o2o_assigner(cfg, num_classes)
+    e2e = dict(end2end=True, o2o_assigner=o2o_assigner, o2m_weight=cfg.train.o2m_weight,
+               o2o_detach=cfg.model.o2o_detach) if cfg.model.end2end else {}
+    params = dict(cfg.model.params)
+    for key in ("tower_bias", "score_sqrt"):  # FCOS-family head options (config keys)
+        if getattr(cfg.model, key):
+            if name not in FCOS_FAMILY:
+                raise DensedetError(f"model.{key} applies to the FCOS family ({', '.join(FCOS_FAMILY)}), "
+                                    f"not {name!r}")
+            params[key] = True
     try:
-        return build_model(name, num_classes=num_classes, assigner=assigner, size=cfg.model.size,
-                           **cfg.model.params)
+        model = build_model(name, num_classes=num_classes, assigner=assigner, size=cfg.model.size,
+                            **e2e, **params)
     except (TypeError, ValueError, KeyError) as e:
         raise DensedetError(f"model {name!r} (size {cfg.model.size!r}) with assigner {aname!r}: {e}") from None
+    apply_input_keys(model, cfg)
+    return model
+
+
+#: families whose head is densedet.models.fcos.FCOSHead or a subclass (ResNet-FPN backbone)
+FCOS_FAMILY = ("fcos", "dw", "lla")
+
+
+def apply_input_keys(model: nn.Module, cfg: Config) -> None:
+    """The config's input convention and prior grid (``model.channel_order``, ``input_scale``,
+    ``pixel_mean``, ``pixel_std``, ``prior_offset``, ``prior_step``) set on a built detector."""
+    m = cfg.model
+    model.set_input(m.channel_order, m.input_scale, m.pixel_mean, m.pixel_std)
+    model.set_priors(offset=m.prior_offset, step=m.prior_step)
 
 
 def read_split(cfg: Config, split: Optional[str], classes: Optional[list[str]] = None):

@@ -162,8 +162,8 @@ def describe_mismatch(keys: list[str]) -> str:
 
 
 def load_matching(model: nn.Module, state: dict, log: Callable[[str], None] = print,
-                  source: Optional[str | Path] = None, allow_partial: bool = False
-                  ) -> tuple[list[str], list[str]]:
+                  source: Optional[str | Path] = None, allow_partial: bool = False,
+                  by_part: bool = False) -> tuple[list[str], list[str]]:
     """Load the tensors of ``state`` whose name and shape match ``model``.
 
     Fine-tuning on a dataset with another class count changes the classifier's shape; a
@@ -180,6 +180,7 @@ def load_matching(model: nn.Module, state: dict, log: Callable[[str], None] = pr
             (``train.init_weights_partial``); otherwise that is an error, since such a file is
             almost surely another architecture or size and training would start from scratch
             while looking fine-tuned.
+        by_part: also log the counts per part (backbone, neck, head).
     Returns:
         ``(skipped_shape_mismatch, missing_in_state)``.
     Raises:
@@ -198,6 +199,10 @@ def load_matching(model: nn.Module, state: dict, log: Callable[[str], None] = pr
     unexpected = [k for k in state if k not in own]
     log(f"{what}: loaded {len(keep)} of {len(own)} model tensors "
         f"({len(mismatched)} shape-skipped, {len(missing)} missing)")
+    if by_part:
+        log(f"{what}: by part: " + ", ".join(
+            f"{part} {sum(k in keep for k in own if k.startswith(part + '.'))}/"
+            f"{sum(k.startswith(part + '.') for k in own)}" for part in ("backbone", "neck", "head")))
     if mismatched:
         log(f"{what}: skipped {len(mismatched)} tensors with a different shape, "
             f"in {describe_mismatch(mismatched)}:")

@@ -35,14 +35,26 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """``ema = d * ema + (1 - d) * model`` for floating tensors (the same arithmetic as a
+        per-tensor ``mul_(d).add_(w, alpha=1 - d)``, in a few multi-tensor kernels: a
+        per-tensor loop launches two small kernels per tensor, hundreds per step on CUDA);
+        counters such as BatchNorm's ``num_batches_tracked`` are copied. No host sync."""
         self.updates += 1
         d = self.decay()
         msd = unwrap(model).state_dict()
+        avg_dst, avg_src, copy_dst, copy_src = [], [], [], []
         for k, v in self.module.state_dict().items():
             if v.dtype.is_floating_point:
-                v.mul_(d).add_(msd[k].detach(), alpha=1.0 - d)
-            else:  # counters such as BatchNorm's num_batches_tracked are copied
-                v.copy_(msd[k])
+                avg_dst.append(v)
+                avg_src.append(msd[k].detach())
+            else:
+                copy_dst.append(v)
+                copy_src.append(msd[k])
+        if avg_dst:
+            torch._foreach_mul_(avg_dst, d)
+            torch._foreach_add_(avg_dst, avg_src, alpha=1.0 - d)
+        if copy_dst:
+            torch._foreach_copy_(copy_dst, copy_src)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}

@@ -13,13 +13,15 @@ from torch import nn
 from densedet.config import Config
 from densedet.data.dataset import DetectionDataset
 from densedet.data.loader import collate
+from densedet.data.preprocess import Fit
 from densedet.data.transforms import unletterbox_boxes
 from densedet.evaluate import evaluate
 
 
-def letterbox_dataset(samples, input_hw: tuple[int, int]):
-    """The evaluation view of ``samples``: letterboxed to ``input_hw``, no augmentation."""
-    return DetectionDataset(samples, input_hw, augment=None)
+def letterbox_dataset(samples, input_hw: tuple[int, int], fit: Optional[Fit] = None):
+    """The evaluation view of ``samples``: letterboxed to ``input_hw`` (or fitted as ``fit``
+    says: an official model's resize, config ``preprocess``), no augmentation."""
+    return DetectionDataset(samples, input_hw, augment=None, fit=fit)
 
 
 @torch.no_grad()
@@ -30,7 +32,9 @@ def predict_index(model: nn.Module, index, cfg: Config, device: torch.device,
     image pixels, ``score``)."""
     was_training = model.training
     model.eval()
-    dataset = letterbox_dataset(index.samples, cfg.input_hw)
+    nms = cfg.eval.nms
+    model.set_branch(nms)  # an end-to-end model computes only the branch it is scored on
+    dataset = letterbox_dataset(index.samples, cfg.input_hw, Fit.from_config(cfg))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate)
     results: list[dict] = []
@@ -41,7 +45,7 @@ def predict_index(model: nn.Module, index, cfg: Config, device: torch.device,
     for images, _, metas in iterator:
         raw = model(images.to(device, non_blocking=True))
         dets = model.postprocess(raw, score_thresh=cfg.eval.score_thresh, nms_iou=cfg.eval.nms_iou,
-                                 max_det=cfg.eval.max_det)
+                                 max_det=cfg.eval.max_det, nms=nms)
         for det, meta in zip(dets, metas):
             boxes = unletterbox_boxes(det.boxes.float().cpu(), meta)
             boxes = torch.as_tensor(boxes)

@@ -8,20 +8,38 @@ One run, top to bottom (:class:`Trainer`):
    (``check_dataset``; ``data.val_split=null`` is the explicit way to train without
    validation); leftovers of saves killed mid-write are removed;
 2. build model, optimizer (SGD with nesterov, no weight decay on norm weights and biases;
-   or AdamW), EMA, GradScaler (AMP only on CUDA), the warmup-cosine schedule;
+   or AdamW; torch's fused kernels on CUDA and CPU), EMA, GradScaler (loss scaling for AMP,
+   which is on CUDA only; in float32 a fixed scale of 1 that only skips non-finite steps),
+   the warmup-cosine schedule;
 3. resume from ``OUTPUT_DIR/last.pt`` or start from ``train.init_weights`` / ``--weights``
    (tensors of another shape, e.g. another class count, are skipped and listed; a file
    whose backbone/neck mostly does not fit is refused unless ``train.init_weights_partial``);
 4. per epoch: in the last ``no_aug_epochs`` mosaic/mixup are closed; ``model.set_epoch``
-   tells the head (its ``on_epoch``: YOLOX's L1 term, NanoDet-Plus's guidance detach); per iteration: lr from the schedule, forward + loss
-   (the assigner runs in float32 inside), NaN/inf check naming the term, backward, optional
-   gradient clipping, step, EMA update, logs, and ``last.pt`` every ``checkpoint_interval``
-   iterations so a killed run resumes close to where it stopped;
+   tells the head (its ``on_epoch``: YOLOX's L1 term, NanoDet-Plus's guidance detach); per
+   iteration: lr from the schedule, forward + loss (the assigner runs in float32 inside),
+   backward, optional gradient clipping, step, EMA update; and every ``log_interval``
+   iterations the logs and the NaN/inf check naming the term, and ``last.pt`` every
+   ``checkpoint_interval`` iterations so a killed run resumes close to where it stopped;
 5. evaluation of the EMA model every ``eval_interval`` epochs (every epoch in the
    no-augmentation tail, and at the end); ``best.pt`` by COCO AP; ``metrics.json``.
 
 Multi-process runs come from ``torchrun``: DistributedSampler, DDP, the loss normaliser
-averaged over processes, only rank 0 writes.
+averaged over processes, only rank 0 writes. DDP's ``find_unused_parameters`` is on only for
+a model that leaves trainable parameters without a gradient (a one-step probe at setup,
+:meth:`Trainer._probe_unused_parameters`); no preset does.
+
+The loop makes the host wait for the device only at a log step (every ``train.log_interval``
+iterations), a checkpoint or an evaluation, never in between, so that a CUDA device is kept
+busy: the loss terms, the positive count and a record of the first step with a non-finite
+loss are accumulated on the device (:class:`IntervalStats`) and read at once; step times come
+from CUDA events (:class:`StepTimer`); the optimizers are fused, so the GradScaler's skip
+needs no host read either. A step whose loss is not finite is not applied: its gradients
+are made NaN on the device and the GradScaler skips it, as it skips float16 overflows; the
+next read stops training with :class:`NonFiniteLossError`, naming the term and the
+iteration. The log columns are then interval means. ``tests/test_gpu_ready.py`` checks the
+loop for syncs (on the CPU by counting ``.item()``-like calls; on CUDA with
+``torch.cuda.set_sync_debug_mode``), and lists the detectors' own (boolean-mask indexing in
+heads and assigners), which are outside this module.
 """
 from __future__ import annotations
 
@@ -45,10 +63,11 @@ from densedet.data.transforms import Augmentation
 from densedet.engine import distributed as dist_utils
 from densedet.engine.build import (assigner_name, build_detector, check_index, count_gflops,
                                    count_params, read_split, resolve_device)
-from densedet.engine.checkpoint import (inference_state_dict, load_checkpoint, load_matching,
+from densedet.engine.checkpoint import (load_checkpoint,
                                         remove_stale_tmp, rng_state, save_atomic, set_rng_state)
 from densedet.engine.ema import ModelEMA, unwrap
 from densedet.engine.inference import evaluate_on, headline
+from densedet.engine.official import load_backbone_weights, load_init, prepare_init
 from densedet.engine.plots import plot_losses
 from densedet.engine.runlog import CsvLog, tensorboard_writer
 from densedet.engine.schedule import WarmCosSchedule
@@ -100,12 +119,155 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+#: device types whose fused SGD/AdamW kernels the trainer uses
+FUSED_DEVICES = ("cuda", "cpu")
+
+
+def fused_ok(model: nn.Module) -> bool:
+    """Whether torch's fused optimizer kernels take ``model``'s trainable parameters: all
+    floating point, all on one device of a :data:`FUSED_DEVICES` type."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return (bool(params) and len({p.device for p in params}) == 1
+            and params[0].device.type in FUSED_DEVICES and all(p.is_floating_point() for p in params))
+
+
+def build_optimizer(model: nn.Module, cfg: Config, lr: float,
+                    fused: Optional[bool] = None) -> torch.optim.Optimizer:
+    """SGD (nesterov) or AdamW over :func:`param_groups`. ``fused`` (default: where
+    :func:`fused_ok`): one kernel for the whole update, which also takes a GradScaler's scale
+    and found-inf flag on the device, so ``GradScaler.step`` skips a non-finite step
+    without reading the flag on the host (an unfused optimizer makes it call ``.item()``;
+    AdamW's step counters would sync as well)."""
     t = cfg.train
     groups = param_groups(model, t.weight_decay)
+    if fused is None:
+        fused = fused_ok(model)
     if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, nesterov=t.nesterov)
-    return torch.optim.AdamW(groups, lr=lr, betas=(t.momentum, 0.999))
+        return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, nesterov=t.nesterov,
+                               fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=(t.momentum, 0.999), fused=fused or None)
+
+
+#: a float32 run's GradScaler keeps its scale at 1 (its growth would take this many finite
+#: steps in a row): it is there to skip non-finite steps on the device, not to scale
+FLOAT32_GROWTH_INTERVAL = 2**30
+
+
+def make_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """The run's GradScaler. AMP: float16 loss scaling as usual. Float32: a scale fixed at 1
+    (multiplying by 1 is exact: the same numbers as without a scaler), kept for its
+    device-side skip of a step whose gradients are not finite; its scale dropping below 1
+    means a step was skipped (:meth:`Trainer._check_skipped_steps`). Device types without
+    a GradScaler get a disabled one (non-finite steps are then applied, and reported at the
+    next log step)."""
+    if amp:
+        return torch.amp.GradScaler(device.type)
+    if device.type not in FUSED_DEVICES:
+        return torch.amp.GradScaler(device.type, enabled=False)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=FLOAT32_GROWTH_INTERVAL)
+
+
+class StepTimer:
+    """Summed training-step time over a log interval, without waiting for the device at
+    every step: on CUDA a pair of events around each step (the device's own time from the
+    step's first kernel to its last), read when the interval is read; elsewhere the host
+    clock (CPU ops run synchronously)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.host_s = 0.0
+        self._start = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record(torch.cuda.current_stream(self.device))
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(torch.cuda.current_stream(self.device))
+            self.events.append((self._start, end))
+        else:
+            self.host_s += time.perf_counter() - self._start
+
+    def read(self) -> float:
+        """Seconds summed since the last read (waits for the last step's end on CUDA)."""
+        if self.cuda:
+            if self.events:
+                self.events[-1][1].synchronize()
+            seconds = sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+            self.events = []
+            return seconds
+        seconds, self.host_s = self.host_s, 0.0
+        return seconds
+
+
+class IntervalStats:
+    """What the loop logs, accumulated between two reads: device values on the device.
+
+    :meth:`add` queues only device ops (no host sync): each step's loss, terms and positive
+    count (and assignment time when a head reports it as a tensor) are stacked into one
+    vector and summed; the first step whose loss is not finite leaves its global iteration
+    and its values. :meth:`read` moves everything to the host in one transfer. Host values
+    (data wait, a host-clock assignment time) are summed on the host. Steps whose terms
+    have other names (a term switched on mid-interval) go to a group of their own."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.groups: dict[tuple[str, ...], dict] = {}
+        self.host: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, keys: tuple[str, ...], values: torch.Tensor, n_loss: int, bad: torch.Tensor,
+            global_iter: int, host: dict[str, float]) -> None:
+        """``values``: float32 vector for ``keys``, its first ``n_loss`` entries the loss
+        values; ``bad``: device bool, this step's loss is not finite (on any process);
+        ``global_iter``: this step's number, counted from 1."""
+        g = self.groups.get(keys)
+        if g is None:
+            g = self.groups[keys] = {
+                "sum": torch.zeros(len(keys), device=self.device), "n": 0, "n_loss": n_loss,
+                "first_bad": torch.full((), -1.0, dtype=torch.float64, device=self.device),
+                "bad_values": torch.zeros(len(keys), device=self.device)}
+        g["sum"].add_(values)
+        g["n"] += 1
+        newly = bad & (g["first_bad"] < 0)
+        g["first_bad"] = torch.where(newly, float(global_iter), g["first_bad"])
+        g["bad_values"] = torch.where(newly, values, g["bad_values"])
+        for k, v in host.items():
+            self.host[k] = self.host.get(k, 0.0) + v
+        self.n += 1
+
+    def read(self, reset: bool = True) -> tuple[dict[str, float], Optional[tuple[int, dict[str, float]]]]:
+        """``(means, bad)``: the interval means per key; ``bad`` is None or the first
+        non-finite step's global iteration and its values. One host transfer."""
+        groups = list(self.groups.items())
+        if groups:
+            flat = torch.cat([torch.cat([g["sum"].double(), g["first_bad"].view(1), g["bad_values"].double()])
+                              for _, g in groups]).tolist()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        bad = None
+        pos = 0
+        for keys, g in groups:
+            k = len(keys)
+            total, first_bad, bad_values = flat[pos:pos + k], flat[pos + k], flat[pos + k + 1:pos + 2 * k + 1]
+            pos += 2 * k + 1
+            for key, v in zip(keys, total):
+                sums[key] = sums.get(key, 0.0) + v
+                counts[key] = counts.get(key, 0) + g["n"]
+            if first_bad >= 0 and (bad is None or first_bad < bad[0]):
+                bad = (int(first_bad), dict(zip(keys[:g["n_loss"]], bad_values[:g["n_loss"]])))
+        means = {k: sums[k] / counts[k] for k in sums}
+        means.update({k: v / self.n for k, v in self.host.items()} if self.n else {})
+        if reset:
+            self.groups, self.host, self.n = {}, {}, 0
+        return means, bad
 
 
 def _use_tqdm() -> bool:
@@ -114,6 +276,12 @@ def _use_tqdm() -> bool:
 
 class Trainer:
     """Train ``cfg``; see the module docstring. ``log`` receives human-readable lines."""
+
+    #: DDP's find_unused_parameters: None decides by :meth:`_probe_unused_parameters`;
+    #: True/False force it (tests compare the two)
+    find_unused_parameters: Optional[bool] = None
+    #: the global iteration up to which the loss was last read and found finite
+    _checked_until: int = 0
 
     def __init__(self, cfg: Config, resume: bool = False, weights: Optional[str] = None,
                  log: Callable[[str], None] = print, force: bool = False):
@@ -219,7 +387,9 @@ class Trainer:
         if self.train_index.skipped:
             self.log(f"skipped objects of unknown classes: {self.train_index.skipped}")
 
-        # --- model
+        # --- model (initial weights are read first: official files bring the input
+        # conventions the model must be built with, densedet.engine.official)
+        self.init = None if self.resume else prepare_init(cfg, self.weights, log=self.log)
         self.model = build_detector(cfg, len(self.classes)).to(device)
         if t.channels_last:  # inputs need no conversion: a channels-last weight sets the layout
             self.model.to(memory_format=torch.channels_last)
@@ -254,7 +424,7 @@ class Trainer:
             self.base_lr, self.iters_per_epoch, t.epochs, t.warmup_epochs, t.no_aug_epochs,
             t.warmup_lr_ratio, t.min_lr_ratio)
         self.use_amp = t.amp and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.use_amp)
+        self.scaler = make_scaler(device, self.use_amp)
         self.ema = ModelEMA(self.model, t.ema_decay) if t.ema else None
 
         self.start_epoch, self.start_iter, self.global_iter = 0, 0, 0
@@ -262,22 +432,31 @@ class Trainer:
         self.history: list[dict] = []
         if self.resume:
             self._load_resume()
-        elif self.weights:
-            self.log(f"initial weights: {self.weights}")
-            ckpt = load_checkpoint(self.weights)
-            # the EMA weights when the file has them: what was evaluated (YOLOX's too)
-            load_matching(self.model, inference_state_dict(ckpt), log=self.log, source=self.weights,
-                          allow_partial=t.init_weights_partial)
+        elif self.init is not None or cfg.model.backbone_weights:
+            if cfg.model.backbone_weights:  # ImageNet backbone; init_weights load over it
+                load_backbone_weights(self.model, cfg, cfg.model.backbone_weights, log=self.log)
+            if self.init is not None:
+                # densedet checkpoints (their EMA weights when present: what was evaluated) or
+                # official YOLOX / NanoDet-Plus / torchvision / mmdet files, counts per part
+                load_init(self.model, self.init, cfg, log=self.log)
             if self.ema is not None:
                 self.ema = ModelEMA(self.model, t.ema_decay)
 
         if self.distributed:
             ids = [device.index] if device.type == "cuda" else None
-            # find_unused_parameters: some heads leave parameters out of the loss for whole
-            # epochs (NanoDet-Plus's auxiliary guidance head once it is detached); without
-            # the flag DDP would wait forever for their gradients.
+            # find_unused_parameters costs an extra autograd-graph traversal every step; it
+            # is needed only when a trainable parameter gets no gradient, which a training
+            # step on a copy of the model shows (every preset uses all its parameters, also
+            # YOLOX with its L1 term and NanoDet-Plus with its guidance head detached)
+            find_unused = self.find_unused_parameters
+            if find_unused is None:
+                unused = self._probe_unused_parameters()
+                find_unused = dist_utils.any_process(bool(unused), device)
+                if unused:
+                    self.log(f"DDP: {len(unused)} parameter(s) get no gradient in a training step "
+                             f"(e.g. {', '.join(unused[:3])}): find_unused_parameters on")
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
-                                                           find_unused_parameters=True)
+                                                           find_unused_parameters=find_unused)
         else:
             self.ddp = self.model
 
@@ -290,6 +469,37 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
             self.csv = CsvLog(self.out / "log.csv", resume=self.resume, keep_until=self.global_iter)
             self.writer = tensorboard_writer(self.out / "tb")
+
+    def _probe_unused_parameters(self) -> list[str]:
+        """Trainable parameters that a training step leaves without a gradient (DDP needs
+        ``find_unused_parameters`` for them), on copies of the model
+        (:func:`~densedet.engine.distributed.unused_parameters`): in the first epoch's and
+        the last epoch's configuration (heads switch terms per epoch: YOLOX's L1 term,
+        NanoDet-Plus's detached guidance head), with objects in the batch and without. The
+        synthetic batch is fixed, so every process finds the same."""
+        t = self.cfg.train
+        h, w = (min(s, 128) for s in self.cfg.input_hw)  # small: the graph, not the numbers
+        g = torch.Generator().manual_seed(0)
+        images = torch.rand(2, 3, h, w, generator=g).to(self.device)
+        boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.6], [0.3, 0.3, 0.9, 0.9]],
+                              [[0.2, 0.2, 0.8, 0.5], [0.0, 0.0, 0.0, 0.0]]]) * torch.tensor([w, h, w, h])
+        full = {"gt_boxes": boxes, "gt_labels": torch.tensor([[0, 1], [2, 0]]) % len(self.classes),
+                "gt_valid": torch.tensor([[True, True], [True, False]])}
+        empty = dict(full, gt_valid=torch.zeros(2, 2, dtype=torch.bool))
+        last = t.epochs - 1
+        states = [(0, t.no_aug_epochs >= t.epochs), (last, last >= t.epochs - t.no_aug_epochs)]
+
+        def step(epoch: int, no_aug: bool, targets: dict):
+            def run(model: nn.Module) -> torch.Tensor:
+                model.train()
+                model.set_epoch(epoch, t.epochs, no_aug)
+                return model.loss(model(images), {k: v.to(self.device) for k, v in targets.items()}).total
+            return run
+
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # the run's random streams stay untouched
+            return dist_utils.unused_parameters(
+                self.model, [step(e, na, tg) for e, na in states for tg in (full, empty)])
 
     def _load_resume(self) -> None:
         path = self.out / "last.pt"
@@ -304,8 +514,11 @@ class Trainer:
         if self.ema is not None and ckpt.get("ema"):
             self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
+        saved, mine = ckpt.get("scaler") or {}, self.scaler.state_dict()
+        # an AMP scaler's state into an AMP run, a float32 one's (scale fixed at 1) into a
+        # float32 run; across the two (another device) the new run's own initial state
+        if saved and mine and saved.get("growth_interval") == mine.get("growth_interval"):
+            self.scaler.load_state_dict(saved)
         self.start_epoch, self.start_iter = int(ckpt["epoch"]), int(ckpt["iter"])
         self.global_iter = int(ckpt["global_iter"])
         self.best_ap = float(ckpt.get("best_ap", -1.0))
@@ -347,33 +560,88 @@ class Trainer:
         return last or in_tail or (epoch + 1) % t.eval_interval == 0
 
     def _multiscale(self, images: torch.Tensor, targets: dict) -> tuple[torch.Tensor, dict]:
-        lo, hi = self.cfg.train.multiscale
-        if self.global_iter % self.cfg.train.multiscale_interval == 0 or not hasattr(self, "_ms_size"):
-            # a random multiple of 32 for the whole batch, the same on every rank
+        t = self.cfg.train
+        lo, hi = t.multiscale
+        window = self.global_iter // t.multiscale_interval
+        if getattr(self, "_ms_window", None) != window:
+            # a random multiple of 32 for the whole batch, the same on every rank without a
+            # message (a broadcast would make the host wait for the device): drawn from
+            # (seed, window), so a resumed run also draws what the killed one did
             choices = list(range(int(math.ceil(lo / 32)) * 32, hi + 1, 32)) or [self.cfg.input_hw[0]]
-            size = random.choice(choices) if dist_utils.is_main() else 0
-            self._ms_size = dist_utils.broadcast_int(size, self.device)
+            self._ms_size = random.Random(t.seed * 1_000_003 + window).choice(choices)
+            self._ms_window = window
         h, w = self.cfg.input_hw
         # keep the configured aspect ratio; sides stay multiples of 32 (the largest stride)
         new_h = max(32, int(round(h * self._ms_size / max(h, w) / 32)) * 32)
         new_w = max(32, int(round(w * self._ms_size / max(h, w) / 32)) * 32)
         return resize_batch(images, targets, (new_h, new_w))
 
-    def _check_finite(self, out, epoch: int, it: int) -> None:
-        bad = ~torch.isfinite(out.total.detach())
-        if self.distributed:  # every rank must stop together, or the others hang
-            bad = dist_utils.all_reduce_mean(bad.float()) > 0
-        if not bool(bad):
-            return
-        culprit = next((k for k, v in out.terms.items() if not torch.isfinite(v.detach()).all()), None)
-        value = float(out.terms[culprit].detach()) if culprit else float(out.total.detach())
-        what = f"loss term {culprit!r}" if culprit else "the total loss (on another process)"
+    # ------------------------------------------------------------------ non-finite steps
+    def _stop_message_tail(self) -> str:
         last = self.out / "last.pt"
         keep = f"; the last good checkpoint is {last}" if last.is_file() else ""
+        return f"stopping{keep}"
+
+    def _raise_if_non_finite(self, bad: Optional[tuple[int, dict]], epoch: int, it: int) -> None:
+        """Stop on the first step of the interval whose loss was not finite (the record of
+        :class:`IntervalStats`), naming the term, its value and the iteration."""
+        if bad is None:
+            return
+        g_bad, values = bad
+        it_bad = it - (self.global_iter - g_bad)
+        culprit = next((k for k, v in values.items() if k != "loss" and not math.isfinite(v)), None)
+        if culprit is not None:
+            what = f"loss term {culprit!r} is {values[culprit]}"
+        elif not math.isfinite(values.get("loss", 0.0)):  # finite terms, a sum that overflowed
+            what = f"the total loss is {values['loss']}"
+        else:
+            what = "the loss of another process is NaN/inf"
         raise NonFiniteLossError(
-            f"{what} is {value} at epoch {epoch + 1}, iteration {it + 1}/{self.iters_per_epoch} "
-            f"(global iteration {self.global_iter + 1}); stopping{keep}. Try a lower train.lr, train.grad_clip, or "
-            f"check the boxes of that batch")
+            f"{what} at epoch {epoch + 1}, iteration {it_bad}/{self.iters_per_epoch} (global iteration "
+            f"{g_bad}), the first non-finite loss between global iterations {self._checked_until + 1} and "
+            f"{self.global_iter} (the loss is checked every train.log_interval={self.cfg.train.log_interval} "
+            f"iterations and before each checkpoint); steps with a non-finite loss were skipped, not "
+            f"applied; {self._stop_message_tail()}. Try a lower train.lr, train.grad_clip, or check the "
+            f"boxes of that batch")
+
+    def _check_skipped_steps(self, epoch: int) -> None:
+        """Float32 runs: the GradScaler's scale (fixed at 1) halves for each step it skipped
+        because of NaN/inf gradients. Under AMP such skips are routine loss-scale calibration."""
+        if self.use_amp or not self.scaler.is_enabled():
+            return
+        scale = self.scaler.get_scale()
+        if scale >= 1.0:
+            return
+        n = max(1, round(-math.log2(scale))) if scale > 0 else "some"
+        raise NonFiniteLossError(
+            f"{n} training step(s) between global iterations {self._checked_until + 1} and "
+            f"{self.global_iter} (epoch {epoch + 1}) had NaN/inf gradients while the loss was finite; "
+            f"they were skipped, not applied; {self._stop_message_tail()}. Try a lower train.lr or "
+            f"train.grad_clip")
+
+    def _read_interval(self, stats: IntervalStats, epoch: int, it: int,
+                       reset: bool = True) -> dict[str, float]:
+        """The host's one wait for the device in an interval: the means of the logged values
+        (``reset``: and a fresh interval), after the checks that stop a non-finite run."""
+        means, bad = stats.read(reset=reset)
+        self._raise_if_non_finite(bad, epoch, it)
+        self._check_skipped_steps(epoch)
+        self._checked_until = self.global_iter
+        return means
+
+    def _log_interval(self, stats: IntervalStats, timer: StepTimer, epoch: int, it: int, lr: float,
+                      bar) -> None:
+        """A log step: read and check the interval, write its means (CSV, TensorBoard, a line
+        or the progress bar); ``step_ms`` is the interval's mean step time."""
+        n = stats.n
+        means = self._read_interval(stats, epoch, it)
+        step_s = timer.read()
+        row = {"epoch": epoch + 1, "iter": it, "global_iter": self.global_iter, "lr": lr}
+        row.update(means)
+        row["step_ms"] = step_s * 1e3 / max(n, 1)
+        self._write_log(row, bar is None)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2g}")
 
     def train(self) -> dict:
         self.setup()
@@ -418,10 +686,12 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=total, initial=skip, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
                        dynamic_ncols=True)
-        acc: dict[str, float] = {}
-        n_acc = 0
+        # between two log steps nothing here waits for the device (see the module docstring)
+        stats, timer = IntervalStats(self.device), StepTimer(self.device)
+        self._checked_until = self.global_iter
         seen = 0
         it = skip
+        lr = self.schedule(self.global_iter)
         t_data = time.perf_counter()
         for images, targets, _ in self.loader:
             if it >= total:
@@ -432,60 +702,77 @@ class Trainer:
                 images, targets = self._multiscale(images, targets)
             data_s = time.perf_counter() - t_data
 
-            t_step = time.perf_counter()
             lr = self.schedule(self.global_iter)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            with torch.autocast(self.device.type, enabled=self.use_amp):
-                raw = self.ddp(images)
-                out = model.loss(raw, targets)
-            self._check_finite(out, epoch, it)
-            loss = out.total
-            if self.distributed:
-                # the heads normalise by their own positive count; rescale so every process
-                # divides by the mean count (a batch with few objects would otherwise weigh
-                # as much as a crowded one)
-                local = out.num_pos.detach().float().clamp(min=1.0)
-                mean = dist_utils.all_reduce_mean(local).clamp(min=1.0)
-                loss = loss * (local / mean)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if t.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.ema is not None:
-                self.ema.update(model)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            step_s = time.perf_counter() - t_step
-
+            timer.start()
+            self._train_step(model, images, targets, lr, stats, data_s)
+            timer.stop()
             it += 1
             self.global_iter += 1
             seen += images.shape[0] * self.world
-            # accumulate the logged values over log_interval steps
-            vals = {"loss": float(out.total.detach())}
-            vals.update({k: float(v.detach()) for k, v in out.terms.items()})
-            vals.update(num_pos=float(out.num_pos), assign_ms=out.assign_seconds * 1e3,
-                        data_ms=data_s * 1e3, step_ms=step_s * 1e3)
-            for k, v in vals.items():
-                acc[k] = acc.get(k, 0.0) + v
-            n_acc += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{vals['loss']:.3f}", lr=f"{lr:.2g}")
+            ckpt_due = bool(t.checkpoint_interval) and self.global_iter % t.checkpoint_interval == 0 and it < total
             if it % t.log_interval == 0 or it == total:
-                row = {"epoch": epoch + 1, "iter": it, "global_iter": self.global_iter, "lr": lr}
-                row.update({k: v / n_acc for k, v in acc.items()})
-                self._write_log(row, bar is None)
-                acc, n_acc = {}, 0
-            if t.checkpoint_interval and self.global_iter % t.checkpoint_interval == 0 and it < total:
+                self._log_interval(stats, timer, epoch, it, lr, bar)
+            elif ckpt_due:  # a checkpoint is written only after its steps were checked
+                self._read_interval(stats, epoch, it, reset=False)
+            if ckpt_due:
                 self.save_last(epoch, it)
             t_data = time.perf_counter()
+        if stats.n:  # the loader ended before iters_per_epoch: log and check the rest
+            self._log_interval(stats, timer, epoch, it, lr, bar)
         if bar is not None:
             bar.close()
         return seen
+
+    def _train_step(self, model: nn.Module, images: torch.Tensor, targets: dict, lr: float,
+                    stats: IntervalStats, data_s: float) -> None:
+        """One iteration, queued on the device with no host sync in the trainer: forward,
+        assignment and loss, backward, optional clipping, step, EMA update, and the logged
+        values into ``stats``. A step whose loss is not finite (on any process) is not
+        applied: its loss is multiplied by NaN, so every gradient is NaN and the GradScaler
+        (with a fused optimizer: on the device) skips the update."""
+        t = self.cfg.train
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            raw = self.ddp(images)
+            out = model.loss(raw, targets)
+        keys = ("loss", *out.terms)
+        values = [out.total, *out.terms.values()]
+        n_loss = len(values)
+        keys, values = keys + ("num_pos",), values + [out.num_pos]
+        host = {"data_ms": data_s * 1e3}
+        if isinstance(out.assign_seconds, torch.Tensor):
+            keys, values = keys + ("assign_ms",), values + [out.assign_seconds * 1e3]
+        else:  # the host clock around the assigner (on CUDA: the time to queue its work)
+            host["assign_ms"] = out.assign_seconds * 1e3
+        vec = torch.stack([v.detach().float().reshape(()) for v in values])
+        bad = ~torch.isfinite(vec[:n_loss]).all()
+        if self.distributed:
+            # the heads normalise by their own positive count; rescale so every process
+            # divides by the mean count (a batch with few objects would otherwise weigh as
+            # much as a crowded one). One all-reduce also tells every process whether any
+            # process's loss is not finite, so all skip that step alike.
+            local = out.num_pos.detach().float().clamp(min=1.0)
+            mean_pos, bad_share = dist_utils.all_reduce_mean(torch.stack([local, bad.float()])).unbind()
+            bad = bad_share > 0
+            factor = local / mean_pos.clamp(min=1.0)
+        else:
+            factor = torch.ones((), device=vec.device)
+        if self.scaler.is_enabled():  # a NaN factor: NaN gradients, which the scaler skips
+            factor = torch.where(bad, float("nan"), factor)
+        loss = out.total * factor
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if t.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(model)
+        stats.add(keys, vec, n_loss, bad, self.global_iter + 1, host)
 
     def _write_log(self, row: dict, print_line: bool) -> None:
         if not dist_utils.is_main():

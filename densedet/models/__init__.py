@@ -32,8 +32,16 @@ def model_module(name: str):
 
 
 def build_model(name: str, num_classes: int, assigner: Optional[Assigner] = None,
-                size: Optional[str] = None, **params) -> Detector:
-    """Build detector family ``name``. Refuses an assigner its head cannot train with."""
+                size: Optional[str] = None, end2end: bool = False,
+                o2o_assigner: Optional[Assigner] = None,
+                o2m_weight: tuple[float, float] = (0.8, 0.1), o2o_detach: bool = False,
+                **params) -> Detector:
+    """Build detector family ``name``. Refuses an assigner its head cannot train with.
+
+    ``end2end``: add the one-to-one branch (docs/end2end.md), trained by ``o2o_assigner``
+    with loss weights ``o2m_weight`` (one-to-many start, end; the one-to-one weight is one
+    minus it), reading detached features when ``o2o_detach``; a family without a one-to-one
+    form (dw) is refused."""
     module = model_module(name)
     kwargs = dict(params)
     if size is not None:
@@ -43,8 +51,18 @@ def build_model(name: str, num_classes: int, assigner: Optional[Assigner] = None
         raise ValueError(
             f"model {name!r} cannot train with assigner {assigner.name!r}: its loss needs one of "
             f"{', '.join(model.head.compatible_assigners)}")
+    if end2end:
+        try:
+            model.enable_end2end(o2o_assigner, o2m_weight, o2o_detach)
+        except ValueError as e:
+            raise ValueError(f"model {name!r}: {e}; model.end2end supports "
+                             f"{', '.join(END2END_MODELS)}") from None
     return model
 
 
-__all__ = ["DEFAULT_ASSIGNER", "MODELS", "Detections", "Detector", "Head", "LossOutput",
+#: the families with a one-to-one branch (``model.end2end``)
+END2END_MODELS = ("yolox", "fcos", "nanodet", "lla")
+
+
+__all__ = ["DEFAULT_ASSIGNER", "END2END_MODELS", "MODELS", "Detections", "Detector", "Head", "LossOutput",
            "build_model", "model_module"]

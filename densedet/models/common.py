@@ -47,9 +47,12 @@ class ConvNormAct(nn.Sequential):
     """``k x k`` conv -> norm -> activation, 'same' padding. ``[B, Cin, H, W] -> [B, Cout, H/s, W/s]``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 groups: int = 1, act: Optional[str] = "silu", norm: Optional[str] = "bn"):
+                 groups: int = 1, act: Optional[str] = "silu", norm: Optional[str] = "bn",
+                 bias: Optional[bool] = None):
+        # bias None: only without a norm. True before GroupNorm is not redundant (a per-channel
+        # shift changes the group statistics): torchvision's and mmdet's FCOS towers have one.
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2,
-                         groups=groups, bias=norm is None)
+                         groups=groups, bias=norm is None if bias is None else bias)
         super().__init__(conv, _make_norm(norm, out_channels), make_act(act))
         self.in_channels, self.out_channels = in_channels, out_channels
 

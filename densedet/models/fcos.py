@@ -28,6 +28,7 @@ and a batch without positives gives exact zeros, with zero gradients, for the bo
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence
 
 import torch
@@ -35,16 +36,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densedet.assign import Assigner, Assignment, build_assigner
-from densedet.boxes import box_to_distance, distance_to_box
+from densedet.assign.fcos import centerness_target
+from densedet.boxes import distance_to_box
 from densedet.losses import bce_with_logits, iou_loss, sigmoid_focal_loss
 from densedet.models.common import ConvNormAct, Scale, flatten_levels, prior_bias
 from densedet.models.detector import Detector, Head
 from densedet.models.resnet_fpn import STRIDES, build_resnet_fpn
 
 
-def conv_gn_relu_tower(width: int, num_convs: int) -> nn.Sequential:
-    """``num_convs`` × [conv3x3, GroupNorm (32 groups, fewer for small widths), ReLU]."""
-    return nn.Sequential(*(ConvNormAct(width, width, 3, act="relu", norm="gn") for _ in range(num_convs)))
+def conv_gn_relu_tower(width: int, num_convs: int, bias: bool = False) -> nn.Sequential:
+    """``num_convs`` × [conv3x3 (with a bias when ``bias``: torchvision's and mmdet's layout),
+    GroupNorm (32 groups, fewer for small widths), ReLU]."""
+    return nn.Sequential(*(ConvNormAct(width, width, 3, act="relu", norm="gn", bias=bias)
+                           for _ in range(num_convs)))
 
 
 def gather_assigned_boxes(gt_boxes: Tensor, gt_index: Tensor) -> Tensor:
@@ -55,23 +59,6 @@ def gather_assigned_boxes(gt_boxes: Tensor, gt_index: Tensor) -> Tensor:
         return gt_boxes.new_zeros(B, A, 4)
     idx = gt_index.clamp(min=0)[..., None].expand(B, A, 4)
     return gt_boxes.gather(1, idx)
-
-
-@torch.no_grad()
-def centerness_target(points: Tensor, boxes: Tensor) -> Tensor:
-    """FCOS centerness ``sqrt(min(l,r)/max(l,r) · min(t,b)/max(t,b))``; 0 outside the box.
-
-    Args:
-        points: ``[A, 2]`` prior centres.
-        boxes: ``[B, A, 4]`` xyxy assigned boxes.
-    Returns:
-        ``[B, A]`` in [0, 1].
-    """
-    ltrb = box_to_distance(points, boxes).clamp(min=0)
-    lr, tb = ltrb[..., 0::2], ltrb[..., 1::2]
-    ratio_lr = lr.amin(-1) / lr.amax(-1).clamp(min=1e-6)
-    ratio_tb = tb.amin(-1) / tb.amax(-1).clamp(min=1e-6)
-    return (ratio_lr * ratio_tb).sqrt()
 
 
 class FCOSHead(Head):
@@ -88,6 +75,10 @@ class FCOSHead(Head):
             prior positions inside ``forward`` (DW's box refinement).
         focal_alpha, focal_gamma: focal loss parameters.
         box_loss: IoU-loss mode (see :func:`densedet.losses.iou_loss`).
+        tower_bias: a bias in every tower conv (before its GroupNorm), as torchvision's and
+            mmdet's FCOS have (``model.tower_bias``; needed to load their weights).
+        score_sqrt: inference score ``sqrt(sigmoid(cls)·sigmoid(centerness))``, torchvision's
+            (``model.score_sqrt``); the assigner's inputs are unchanged.
     ``raw`` keys: ``cls_logits [B, A, C]``, ``distances [B, A, 4]`` (ltrb pixels, ≥ 0),
     ``<quality_key> [B, A]``.
     """
@@ -98,15 +89,16 @@ class FCOSHead(Head):
     def __init__(self, num_classes: int, width: int, strides: Sequence[int] = STRIDES,
                  num_convs: int = 4, prior_prob: float = 0.01, reg_bias: float = 0.0,
                  prior_offset: float = 0.5, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-                 box_loss: str = "giou"):
+                 box_loss: str = "giou", tower_bias: bool = False, score_sqrt: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.strides = list(strides)
         self.prior_offset = prior_offset
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.box_loss = box_loss
-        self.cls_tower = conv_gn_relu_tower(width, num_convs)
-        self.reg_tower = conv_gn_relu_tower(width, num_convs)
+        self.score_sqrt = score_sqrt
+        self.cls_tower = conv_gn_relu_tower(width, num_convs, tower_bias)
+        self.reg_tower = conv_gn_relu_tower(width, num_convs, tower_bias)
         self.cls_logits = nn.Conv2d(width, num_classes, 3, padding=1)
         self.bbox_reg = nn.Conv2d(width, 4, 3, padding=1)
         self.quality = nn.Conv2d(width, 1, 3, padding=1)
@@ -129,23 +121,53 @@ class FCOSHead(Head):
         """Hook for heads that refine the per-level distances ``[B, 4, H, W]`` (DW)."""
         return distances
 
+    def make_o2o_branch(self) -> nn.Module:
+        """The one-to-one branch (docs/end2end.md): copies of the last layer of both towers,
+        of the three prediction convs and of the per-level scales."""
+        def last(tower: nn.Sequential) -> nn.Module:
+            return copy.deepcopy(tower[-1]) if len(tower) else nn.Identity()
+
+        return nn.ModuleDict({
+            "cls_last": last(self.cls_tower), "reg_last": last(self.reg_tower),
+            "cls_logits": copy.deepcopy(self.cls_logits), "bbox_reg": copy.deepcopy(self.bbox_reg),
+            "quality": copy.deepcopy(self.quality), "scales": copy.deepcopy(self.scales)})
+
     def forward(self, feats: list[Tensor]) -> dict[str, Tensor]:
         """Per-level features ``[B, width, H_l, W_l]`` -> flattened raw outputs ``[B, A, ...]``."""
         if len(feats) != len(self.strides):
             raise ValueError(f"head built for {len(self.strides)} levels, got {len(feats)}")
-        cls, dist, coarse, qual = [], [], [], []
-        for x, scale, stride in zip(feats, self.scales, self.strides):
-            cls_feat, reg_feat = self.cls_tower(x), self.reg_tower(x)
+        o2m, o2o = self.branches()
+        outs: dict[str, list[Tensor]] = {}
+
+        def predict(prefix: str, m: nn.Module, cls_last: nn.Module, reg_last: nn.Module,
+                    level: int, c: Tensor, r: Tensor, refine: bool) -> None:
+            cls_feat, reg_feat = cls_last(c), reg_last(r)
             # float32 from here: the distances feed IoU losses and box decoding.
-            d = F.relu(scale(self.bbox_reg(reg_feat).float())) * stride
-            coarse.append(d)
-            dist.append(self.refine(d, reg_feat, stride))
-            cls.append(self.cls_logits(cls_feat))
-            qual.append(self.quality(reg_feat))
-        raw = {"cls_logits": flatten_levels(cls), "distances": flatten_levels(dist),
-               self.quality_key: flatten_levels(qual)[..., 0]}
-        if self.box_refine:
-            raw["coarse_distances"] = flatten_levels(coarse)
+            d = F.relu(m.scales[level](m.bbox_reg(reg_feat).float())) * self.strides[level]
+            got = {"cls_logits": m.cls_logits(cls_feat), self.quality_key: m.quality(reg_feat),
+                   "distances": self.refine(d, reg_feat, self.strides[level]) if refine else d}
+            if refine and self.box_refine:
+                got["coarse_distances"] = d
+            for key, t in got.items():
+                outs.setdefault(prefix + key, []).append(t)
+
+        shared = len(self.cls_tower) > 0  # all but the last tower layer serve both branches
+        for level, x in enumerate(feats):
+            c = self.cls_tower[:-1](x) if shared else x
+            r = self.reg_tower[:-1](x) if len(self.reg_tower) else x
+            if o2m:
+                predict("", self, self.cls_tower[-1] if shared else nn.Identity(),
+                        self.reg_tower[-1] if len(self.reg_tower) else nn.Identity(),
+                        level, c, r, refine=True)
+            if o2o:
+                if self.o2o_detach:
+                    c, r = c.detach(), r.detach()
+                predict("o2o_", self.o2o, self.o2o.cls_last, self.o2o.reg_last, level, c, r,
+                        refine=False)
+        raw = {key: flatten_levels(v) for key, v in outs.items()}
+        for key in (self.quality_key, "o2o_" + self.quality_key):
+            if key in raw:
+                raw[key] = raw[key][..., 0]
         return raw
 
     # --- decoding -------------------------------------------------------------------------
@@ -155,8 +177,11 @@ class FCOSHead(Head):
         return distance_to_box(priors[:, :2], raw["distances"].float())
 
     def decode(self, raw: dict[str, Tensor], priors: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference scores ``sigmoid(cls)·sigmoid(centerness)`` ``[B, A, C]`` and boxes ``[B, A, 4]``."""
+        """Inference scores ``sigmoid(cls)·sigmoid(centerness)`` ``[B, A, C]`` (its square root
+        with ``score_sqrt``, as torchvision's FCOS ranks) and boxes ``[B, A, 4]``."""
         scores = raw["cls_logits"].float().sigmoid() * raw[self.quality_key].float().sigmoid()[..., None]
+        if self.score_sqrt:
+            scores = scores.sqrt()
         return scores, self.boxes(raw, priors)
 
     def assigner_inputs(self, raw: dict[str, Tensor], priors: Tensor) -> tuple[Tensor, Tensor]:

@@ -30,6 +30,7 @@ each positive weighted by its detached top class score, over ``max(sum of weight
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -170,11 +171,19 @@ class NanoDetPlusHead(Head):
         self.register_buffer("bins", torch.arange(reg_max + 1, dtype=torch.float32), persistent=False)
 
     def on_epoch(self, epoch: int, max_epochs: int, no_aug: bool) -> Optional[str]:
+        notes = [super().on_epoch(epoch, max_epochs, no_aug)]
         detached_before = self.aux_detached
         self.epoch = epoch
         if self.aux is not None and self.aux_detached and not detached_before:
-            return "guidance head input detached"
-        return None
+            notes.append("guidance head input detached")
+        return "; ".join(n for n in notes if n) or None
+
+    def make_o2o_branch(self) -> nn.Module:
+        """The one-to-one branch (docs/end2end.md): per level, copies of the tower's last conv
+        and of the prediction conv. Its assigner sees its own predictions (the guidance head
+        judges for the one-to-many head only)."""
+        return nn.ModuleDict({"tower_last": nn.ModuleList(copy.deepcopy(t[-1]) for t in self.towers),
+                              "preds": copy.deepcopy(self.preds)})
 
     @property
     def aux_detached(self) -> bool:
@@ -182,8 +191,16 @@ class NanoDetPlusHead(Head):
         return self.epoch >= self.detach_epoch
 
     def forward(self, feats: list[Tensor]) -> dict[str, Tensor]:
-        out = flatten_levels([p(t(f)) for t, p, f in zip(self.towers, self.preds, feats)])
-        raw = {"cls": out[..., : self.num_classes], "reg": out[..., self.num_classes:]}
+        o2m, o2o = self.branches()
+        shared = [t[:-1](f) for t, f in zip(self.towers, feats)]  # both branches' input
+        raw = {}
+        if o2m:
+            out = flatten_levels([p(t[-1](x)) for t, p, x in zip(self.towers, self.preds, shared)])
+            raw.update(cls=out[..., : self.num_classes], reg=out[..., self.num_classes:])
+        if o2o:
+            xs = [x.detach() for x in shared] if self.o2o_detach else shared
+            out = flatten_levels([p(t(x)) for t, p, x in zip(self.o2o.tower_last, self.o2o.preds, xs)])
+            raw.update(o2o_cls=out[..., : self.num_classes], o2o_reg=out[..., self.num_classes:])
         if self.training and self.aux is not None:
             aux_in = [f.detach() for f in feats] if self.aux_detached else feats
             raw["aux_cls"], raw["aux_reg"] = self.aux(aux_in)

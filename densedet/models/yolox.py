@@ -18,6 +18,7 @@ and the encoded target; everything divided by ``max(num_pos, 1)``.
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -90,15 +91,41 @@ class YOLOXHead(Head):
         for conv in [*self.cls_preds, *self.obj_preds]:
             nn.init.constant_(conv.bias, prior_bias(0.01))
 
+    def make_o2o_branch(self) -> nn.Module:
+        """The one-to-one branch (docs/end2end.md): per level, copies of the last conv of the
+        class and box branches and of the three prediction convs."""
+        return nn.ModuleDict({
+            "cls_last": nn.ModuleList(copy.deepcopy(b[-1]) for b in self.cls_convs),
+            "reg_last": nn.ModuleList(copy.deepcopy(b[-1]) for b in self.reg_convs),
+            "cls_preds": copy.deepcopy(self.cls_preds), "reg_preds": copy.deepcopy(self.reg_preds),
+            "obj_preds": copy.deepcopy(self.obj_preds)})
+
     def forward(self, feats: list[Tensor]) -> dict[str, Tensor]:
-        cls, reg, obj = [], [], []
+        o2m, o2o = self.branches()
+        outs: dict[str, list[Tensor]] = {}
+
+        def predict(prefix: str, m: nn.Module, cls_last: nn.Module, reg_last: nn.Module,
+                    k: int, c: Tensor, r: Tensor) -> None:
+            r = reg_last(r)
+            for key, t in (("cls", m.cls_preds[k](cls_last(c))), ("reg", m.reg_preds[k](r)),
+                           ("obj", m.obj_preds[k](r))):
+                outs.setdefault(prefix + key, []).append(t)
+
         for k, x in enumerate(feats):
             x = self.stems[k](x)
-            cls.append(self.cls_preds[k](self.cls_convs[k](x)))
-            r = self.reg_convs[k](x)
-            reg.append(self.reg_preds[k](r))
-            obj.append(self.obj_preds[k](r))
-        return {"cls": flatten_levels(cls), "reg": flatten_levels(reg), "obj": flatten_levels(obj)[..., 0]}
+            # all but the last conv of each branch are shared by the two branches
+            c, r = self.cls_convs[k][:-1](x), self.reg_convs[k][:-1](x)
+            if o2m:
+                predict("", self, self.cls_convs[k][-1], self.reg_convs[k][-1], k, c, r)
+            if o2o:
+                if self.o2o_detach:
+                    c, r = c.detach(), r.detach()
+                predict("o2o_", self.o2o, self.o2o.cls_last[k], self.o2o.reg_last[k], k, c, r)
+        raw = {key: flatten_levels(v) for key, v in outs.items()}
+        for key in ("obj", "o2o_obj"):
+            if key in raw:
+                raw[key] = raw[key][..., 0]
+        return raw
 
     # -- boxes ------------------------------------------------------------------------------
     def decode_boxes(self, reg: Tensor, priors: Tensor) -> Tensor:
@@ -132,10 +159,11 @@ class YOLOXHead(Head):
     # -- loss -------------------------------------------------------------------------------
     def on_epoch(self, epoch: int, max_epochs: int, no_aug: bool) -> Optional[str]:
         """YOLOX adds the L1 term for the epochs trained without mosaic/mixup."""
+        notes = [super().on_epoch(epoch, max_epochs, no_aug)]
         if no_aug and not self.use_l1:
             self.use_l1 = True
-            return "L1 loss on"
-        return None
+            notes.append("L1 loss on")
+        return "; ".join(n for n in notes if n) or None
 
     def loss(self, raw: dict[str, Tensor], priors: Tensor, assignment: Assignment,
              targets: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:

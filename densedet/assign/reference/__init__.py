@@ -17,6 +17,23 @@ import torch
 from torch import Tensor
 
 
+def candidate_boxes(gt_boxes: Tensor, stal: bool, small_side: float = 8.0,
+                    widen_to: float = 16.0) -> Tensor:
+    """``[g, 4]`` boxes of the "prior centre inside the box" tests of one image: ``gt_boxes``,
+    or with ``stal`` (YOLO26's small-object widening) every width / height below
+    ``small_side`` set to ``widen_to`` about the box centre, box by box, side by side."""
+    if not stal:
+        return gt_boxes
+    out = gt_boxes.clone()
+    for j in range(gt_boxes.shape[0]):
+        x1, y1, x2, y2 = gt_boxes[j]
+        for lo, hi, col in ((x1, x2, 0), (y1, y2, 1)):
+            if hi - lo < small_side:
+                c = (lo + hi) / 2
+                out[j, col], out[j, col + 2] = c - widen_to / 2, c + widen_to / 2
+    return out
+
+
 def reference_assign(name: str):
     """The per-image reference function of method ``name``."""
     return importlib.import_module(f"densedet.assign.reference.{name}").assign

@@ -7,8 +7,12 @@ from torch import Tensor
 
 def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
            num_classes: int, topk: int = 9, anchor_scale: float = 8.0,
-           ensure_each_gt: bool = False) -> dict:
+           ensure_each_gt: bool = False, stal: bool = False, stal_small_side: float = 8.0,
+           stal_widen_to: float = 16.0) -> dict:
+    from densedet.assign.reference import candidate_boxes
     from densedet.boxes import box_iou
+
+    cand_boxes = candidate_boxes(gt_boxes, stal, stal_small_side, stal_widen_to)
 
     A = priors.shape[0]
     strides = priors[:, 2].tolist()
@@ -38,7 +42,8 @@ def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_l
         thr = ious.mean() + (ious.std() if len(ious) > 1 else 0.0)
         for j, a in enumerate(cand.tolist()):
             x, y = priors[a, 0], priors[a, 1]
-            margin = min(x - box[0], y - box[1], box[2] - x, box[3] - y)
+            wbox = cand_boxes[g]  # the inside test's box (stal widens small ones)
+            margin = min(x - wbox[0], y - wbox[1], wbox[2] - x, wbox[3] - y)
             if ious[j] >= thr and margin > 0.01 and ious[j] > best[a]:
                 best[a] = ious[j]
                 gt_index[a] = g

@@ -12,10 +12,13 @@ from densedet.boxes import box_iou
 def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
            num_classes: int, candidate_topk: int = 13, iou_weight: float = 3.0,
            soft_center_prior: bool = False, soft_center_radius: float = 3.0,
-           ensure_each_gt: bool = False) -> dict[str, Tensor]:
+           ensure_each_gt: bool = False, stal: bool = False, stal_small_side: float = 8.0,
+           stal_widen_to: float = 16.0) -> dict[str, Tensor]:
     """DSL for one image with ``g`` valid objects; see ``densedet.assign.dsl``."""
+    from densedet.assign.reference import candidate_boxes
+
     A, g = priors.shape[0], gt_boxes.shape[0]
-    in_box = inside_boxes(priors, gt_boxes)
+    in_box = inside_boxes(priors, candidate_boxes(gt_boxes, stal, stal_small_side, stal_widen_to))
     columns = torch.nonzero(in_box.any(dim=0)).flatten()
     n = len(columns)
     if g == 0 or n == 0:

@@ -8,8 +8,13 @@ from torch import Tensor
 
 
 def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
-           num_classes: int, sigma: float = 1.11, ensure_each_gt: bool = False) -> dict:
+           num_classes: int, sigma: float = 1.11, ensure_each_gt: bool = False,
+           stal: bool = False, stal_small_side: float = 8.0,
+           stal_widen_to: float = 16.0) -> dict:
+    from densedet.assign.reference import candidate_boxes
     from densedet.boxes import box_iou
+
+    cand_boxes = candidate_boxes(gt_boxes, stal, stal_small_side, stal_widen_to)
 
     A = priors.shape[0]
     g_count = gt_boxes.shape[0]
@@ -22,7 +27,8 @@ def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_l
     for g in range(g_count):
         x1, y1, x2, y2 = gt_boxes[g].tolist()
         c = int(gt_labels[g])
-        inside = (px - x1 > 0) & (py - y1 > 0) & (x2 - px > 0) & (y2 - py > 0)
+        wx1, wy1, wx2, wy2 = cand_boxes[g].tolist()  # the candidates' box (stal widens)
+        inside = (px - wx1 > 0) & (py - wy1 > 0) & (wx2 - px > 0) & (wy2 - py > 0)
         inside_rows.append(inside)
         if not inside.any():
             continue

@@ -18,8 +18,13 @@ def stride_levels(priors: Tensor) -> Tensor:
 
 def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
            num_classes: int, center_sampling: bool = True, center_radius: float = 1.5,
-           regress_ranges=DEFAULT_REGRESS_RANGES, ensure_each_gt: bool = False) -> dict:
+           regress_ranges=DEFAULT_REGRESS_RANGES, ensure_each_gt: bool = False,
+           stal: bool = False, stal_small_side: float = 8.0,
+           stal_widen_to: float = 16.0) -> dict:
+    from densedet.assign.reference import candidate_boxes
     from densedet.boxes import box_iou
+
+    cand_boxes = candidate_boxes(gt_boxes, stal, stal_small_side, stal_widen_to)
 
     A = priors.shape[0]
     px, py, stride = priors[:, 0], priors[:, 1], priors[:, 2]
@@ -34,16 +39,17 @@ def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_l
     for g in range(gt_boxes.shape[0]):
         x1, y1, x2, y2 = gt_boxes[g].tolist()
         l, t, r, b = px - x1, py - y1, x2 - px, y2 - py
+        wx1, wy1, wx2, wy2 = cand_boxes[g].tolist()  # the inside tests' box (stal widens)
         if center_sampling:
             cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
             rad = center_radius * stride
-            rx1 = torch.clamp(cx - rad, min=x1)
-            ry1 = torch.clamp(cy - rad, min=y1)
-            rx2 = torch.clamp(cx + rad, max=x2)
-            ry2 = torch.clamp(cy + rad, max=y2)
+            rx1 = torch.clamp(cx - rad, min=wx1)
+            ry1 = torch.clamp(cy - rad, min=wy1)
+            rx2 = torch.clamp(cx + rad, max=wx2)
+            ry2 = torch.clamp(cy + rad, max=wy2)
             inside = (px > rx1) & (py > ry1) & (rx2 > px) & (ry2 > py)
         else:
-            inside = (l > 0) & (t > 0) & (r > 0) & (b > 0)
+            inside = (px - wx1 > 0) & (py - wy1 > 0) & (wx2 - px > 0) & (wy2 - py > 0)
         m = torch.stack([l, t, r, b]).max(dim=0).values
         ok = inside & (m >= lo) & (m <= hi)
         matched_rows.append(ok)

@@ -33,11 +33,15 @@ def focal(p: Tensor, y: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tens
 
 def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
            num_classes: int, topk: int = 10, reg_weight: float = 1.5,
-           ensure_each_gt: bool = False) -> dict[str, Tensor]:
+           ensure_each_gt: bool = False, stal: bool = False, stal_small_side: float = 8.0,
+           stal_widen_to: float = 16.0) -> dict[str, Tensor]:
     """LLA for one image with ``g`` valid objects; see ``densedet.assign.lla``."""
+    from densedet.assign.reference import candidate_boxes
+
     A, g = priors.shape[0], gt_boxes.shape[0]
     gt_d = distances(priors, gt_boxes[:, None])  # [g, A, 4]
-    in_box = gt_d.min(dim=-1).values > 0.01
+    wide = candidate_boxes(gt_boxes, stal, stal_small_side, stal_widen_to)  # the inside test
+    in_box = distances(priors, wide[:, None]).min(dim=-1).values > 0.01
     if g == 0 or A == 0:
         return finish(A, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                       gt_labels, torch.zeros(g, 0), candidate_mask=in_box)

@@ -39,12 +39,17 @@ def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_l
            num_classes: int, candidate_topk: int = 20, reg_weight: float = 1.5,
            center_radius: float = 2.5, sinkhorn_eps: float = 0.1, sinkhorn_iters: int = 50,
            focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-           ensure_each_gt: bool = False) -> dict[str, Tensor]:
+           ensure_each_gt: bool = False, stal: bool = False, stal_small_side: float = 8.0,
+           stal_widen_to: float = 16.0) -> dict[str, Tensor]:
     """OTA for one image with ``g`` valid objects; see ``densedet.assign.ota``."""
+    from densedet.assign.reference import candidate_boxes
+
+    # the inside test's boxes (stal widens small ones), widened in the input precision
+    wide = candidate_boxes(gt_boxes, stal, stal_small_side, stal_widen_to).double()
     priors, scores, boxes, gt_boxes = (t.double() for t in (priors, scores, boxes, gt_boxes))
     A, g = priors.shape[0], gt_boxes.shape[0]
-    region = inside_boxes(priors, gt_boxes, 0.01) & inside_centre_squares(priors, gt_boxes,
-                                                                          center_radius)
+    region = inside_boxes(priors, wide, 0.01) & inside_centre_squares(priors, gt_boxes,
+                                                                      center_radius)
     gt_index = torch.full((A,), -1, dtype=torch.long)
     labels = torch.full((A,), -1, dtype=torch.long)
     quality = torch.zeros(A)

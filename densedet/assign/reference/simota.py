@@ -89,14 +89,18 @@ def finish(num_priors: int, columns: Tensor, local: Tensor, gt_labels: Tensor, i
 def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
            num_classes: int, center_radius: float = 2.5, candidate_topk: int = 10,
            iou_weight: float = 3.0, center_only: bool = False,
-           ensure_each_gt: bool = False) -> dict[str, Tensor]:
+           ensure_each_gt: bool = False, stal: bool = False, stal_small_side: float = 8.0,
+           stal_widen_to: float = 16.0) -> dict[str, Tensor]:
     """SimOTA for one image with ``g`` valid objects; see ``densedet.assign.simota``."""
+    from densedet.assign.reference import candidate_boxes
+
     A, g = priors.shape[0], gt_boxes.shape[0]
     in_centre = inside_centre_squares(priors, gt_boxes, center_radius)
     if center_only:
         region, ok, penalty = in_centre, in_centre, 1e6
     else:
-        in_box = inside_boxes(priors, gt_boxes)
+        in_box = inside_boxes(priors, candidate_boxes(gt_boxes, stal, stal_small_side,
+                                                      stal_widen_to))
         region, ok, penalty = in_box | in_centre, in_box & in_centre, 1e5
     columns = torch.nonzero(region.any(dim=0)).flatten()  # the image's candidate priors
     n = len(columns)

@@ -7,8 +7,12 @@ from torch import Tensor
 
 def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
            num_classes: int, topk: int = 13, alpha: float = 1.0, beta: float = 6.0,
-           ensure_each_gt: bool = False) -> dict:
+           ensure_each_gt: bool = False, stal: bool = False, stal_small_side: float = 8.0,
+           stal_widen_to: float = 16.0) -> dict:
+    from densedet.assign.reference import candidate_boxes
     from densedet.boxes import box_iou
+
+    cand_boxes = candidate_boxes(gt_boxes, stal, stal_small_side, stal_widen_to)
 
     A = priors.shape[0]
     g_count = gt_boxes.shape[0]
@@ -16,7 +20,7 @@ def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_l
     ious = box_iou(gt_boxes, boxes)  # [g, A]
     metrics, chosen_rows, inside_rows = [], [], []
     for g in range(g_count):
-        x1, y1, x2, y2 = gt_boxes[g].tolist()
+        x1, y1, x2, y2 = cand_boxes[g].tolist()  # the inside test's box (stal widens)
         margin = torch.stack([px - x1, py - y1, x2 - px, y2 - py]).min(dim=0).values
         inside = margin > 1e-9
         metric = scores[:, gt_labels[g]].pow(alpha) * ious[g].pow(beta)
