@@ -88,6 +88,33 @@ def run_assigners(names: Sequence[str], num_classes: int, priors: Tensor, scores
         priors, scores, boxes, gt_boxes, gt_labels, gt_valid) for n in names}
 
 
+def objects_without_positive(assignment: Assignment, gt_valid: Tensor) -> int:
+    """How many valid objects of the batch own no prior."""
+    B, G = gt_valid.shape
+    owned = torch.zeros((B, G + 1), dtype=torch.long)
+    owned.scatter_add_(1, assignment.gt_index.cpu() + 1, torch.ones_like(assignment.gt_index.cpu()))
+    return int((gt_valid.cpu() & (owned[:, 1:] == 0)).sum())
+
+
+def stal_empty_table(names: Sequence[str], num_classes: int, priors: Tensor, scores: Tensor,
+                     boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor) -> str:
+    """Markdown: per assigner, the objects left with no positive with the small-object
+    widening (``stal``, docs/design.md) off and on; ``n/a`` for methods without the option."""
+    lines = ["| assigner | empty (STAL off → on) |", "|---|---|"]
+    for name in names:
+        off = objects_without_positive(build_assigner(name, num_classes)(
+            priors, scores, boxes, gt_boxes, gt_labels, gt_valid), gt_valid)
+        try:
+            stal = build_assigner(name, num_classes, stal=True)
+        except TypeError:
+            lines.append(f"| {name} | {off} → n/a |")
+            continue
+        on = objects_without_positive(stal(priors, scores, boxes, gt_boxes, gt_labels, gt_valid),
+                                      gt_valid)
+        lines.append(f"| {name} | {off} → {on} |")
+    return "\n".join(lines)
+
+
 def positives_per_level(assignment: Assignment, levels: Tensor, num_objects: int,
                         num_levels: int, image: int = 0) -> np.ndarray:
     """``[G, L]`` count of positives of each object on each level (one image)."""
@@ -265,6 +292,8 @@ def assign_viz(config: str, overrides: Sequence[str], image_id: Optional[str], n
     png = draw_assignments(picture, gt_boxes[0], gt_labels[0], classes, priors, levels, assignments,
                            out, title=f"image {image_id}, {cfg.model.name} priors, {source}")
     table = (f"# Assignment of image {image_id} ({source})\n\n"
-             + assignment_table(assignments, levels, model.strides, gt_labels[0], classes))
+             + assignment_table(assignments, levels, model.strides, gt_labels[0], classes)
+             + "\n\n## Objects left with no positive, small-object widening (stal) off → on\n\n"
+             + stal_empty_table(names, C, priors, scores, boxes, gt_boxes, gt_labels, gt_valid))
     png.with_suffix(".md").write_text(table + "\n")
     return png, table

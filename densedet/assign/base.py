@@ -56,7 +56,7 @@ def trains_with(head_needs: frozenset[str], provides: frozenset[str]) -> bool:
     return head_needs <= provides and (provides & SOFT_WEIGHTS) <= head_needs
 
 
-def widen_small_boxes(boxes: Tensor, valid: Optional[Tensor], small_side: float,
+def widen_small_boxes(boxes: Tensor, valid: Tensor | None, small_side: float,
                       widen_to: float) -> Tensor:
     """YOLO26's STAL widening: each side (width, height) of a box shorter than ``small_side``
     becomes ``widen_to`` about the box centre, ``x1 = cx - widen_to / 2``,

@@ -59,7 +59,10 @@ def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_l
         gt_index = torch.where(better, torch.tensor(g), gt_index)
         lr = torch.minimum(l, r) / torch.maximum(l, r).clamp(min=1e-12)
         tb = torch.minimum(t, b) / torch.maximum(t, b).clamp(min=1e-12)
-        centerness = torch.where(better, (lr * tb).clamp(min=0).sqrt(), centerness)
+        # 0 where the prior is not strictly inside the real box (possible with stal)
+        c = torch.where((l > 0) & (t > 0) & (r > 0) & (b > 0),
+                        (lr * tb).clamp(min=0).sqrt(), 0.0)
+        centerness = torch.where(better, c, centerness)
 
     pos = gt_index >= 0
     idx = gt_index.clamp(min=0)
