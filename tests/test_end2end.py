@@ -30,7 +30,11 @@ C = 3
 BASES = [("tal", {}), ("tal", {"topk": 3, "beta": 2.5}), ("simota", {}),
          ("simota", {"center_only": True, "center_radius": 1.5}), ("dsl", {}),
          ("dsl", {"soft_center_prior": True}), ("lla", {}), ("ota", {}), ("fcos", {}),
-         ("atss", {}), ("dw", {})]
+         ("atss", {}), ("dw", {}),
+         # small-object widening (stal): the penalties' inside tests use the widened boxes
+         ("simota", {"stal": True, "stal_small_side": 12.0, "stal_widen_to": 20.0}),
+         ("lla", {"stal": True, "stal_small_side": 12.0, "stal_widen_to": 20.0}),
+         ("ota", {"stal": True, "stal_small_side": 12.0, "stal_widen_to": 20.0})]
 
 
 def scene(seed: int, B: int = 3, G: int = 14, classes: int = 4, hw=(64, 96)):

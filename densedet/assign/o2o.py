@@ -78,13 +78,18 @@ def _gather_objects(out: Assignment, gt_boxes: Tensor, gt_labels: Tensor, num_cl
 
 
 def pair_metric(base: Assigner, out: Assignment, priors: Tensor, scores: Tensor, boxes: Tensor,
-                gt_boxes: Tensor, gt_labels: Tensor) -> Tensor:
+                gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor) -> Tensor:
     """``[B, A]`` float64 base metric of each prior with its assigned object (see the module
-    docstring; meaningless on background priors)."""
+    docstring; meaningless on background priors). The penalties' inside-the-box tests use the
+    base method's candidate boxes (widened small boxes with its ``stal`` option), the rest the
+    real boxes, as the base method does."""
     # local imports of the sibling methods' helpers: the registry imports a method lazily,
     # and o2o must not pull every method in when it is not used
     name = base.name
     _, box, label = _gather_objects(out, gt_boxes, gt_labels, base.num_classes)
+    cand = base.candidate_boxes(gt_boxes, gt_valid)
+    cbox = box if cand is gt_boxes else _gather_objects(out, cand, gt_labels, base.num_classes)[1]
+    cbox = cbox.double()
     s = scores.gather(2, label[..., None]).squeeze(-1).double()  # [B, A]
     iou = box_iou(boxes, box, aligned=True).double()  # IoU with the assigned object
     pts = priors[:, :2]
@@ -114,8 +119,8 @@ def pair_metric(base: Assigner, out: Assignment, priors: Tensor, scores: Tensor,
             p = pts.double()
             ok = ((p > centre - radius) & (centre + radius > p)).all(dim=-1)
             return -(cost + 1e6 * (~ok).double())
-        d = (pts.double() - centre).abs()
-        half = (box[..., 2:] - box[..., :2]) / 2
+        d = (pts.double() - centre).abs()  # a widened box keeps its centre
+        half = (cbox[..., 2:] - cbox[..., :2]) / 2
         ok = ((d - half).amax(-1) < 0) & ((d - radius).amax(-1) < 0)  # box AND square
         return -(cost + 1e5 * (~ok).double())
     if name == "dsl":
@@ -128,7 +133,7 @@ def pair_metric(base: Assigner, out: Assignment, priors: Tensor, scores: Tensor,
             dist = (pts.double() - centre).square().sum(-1).sqrt() / priors[:, 2].double()
             cost = cost + torch.pow(10.0, (dist - base.soft_center_radius).clamp(max=30.0))
         return -cost
-    margin = torch.minimum(pts.double() - box[..., :2], box[..., 2:] - pts.double()).amin(-1)
+    margin = torch.minimum(pts.double() - cbox[..., :2], cbox[..., 2:] - pts.double()).amin(-1)
     if name == "lla":
         from densedet.assign.lla import IN_BOX_MARGIN, OUTSIDE_PENALTY, focal_background
         cls = background(focal_background) + common.focal_cost(s, 1.0) - common.focal_cost(s, 0.0)
@@ -173,6 +178,8 @@ class O2OAssigner(Assigner):
         base: a registered method (not a one-to-one wrapper); ``tal`` by default.
         base_params: its parameters (its defaults when None).
         ensure_each_gt: passed to the base method unless ``base_params`` sets it.
+        small_objects: the base method's ``stal`` options (``stal``, ``stal_small_side``,
+            ``stal_widen_to``) unless ``base_params`` sets them.
     """
 
     name = "o2o"
@@ -180,13 +187,15 @@ class O2OAssigner(Assigner):
     provides = frozenset()
 
     def __init__(self, num_classes: int, base: str = "tal", base_params: Optional[dict] = None,
-                 ensure_each_gt: bool = False):
+                 ensure_each_gt: bool = False, **small_objects):
         super().__init__(num_classes)
         from densedet.assign import build_assigner  # the registry imports this module
         if base in WRAPPERS:
             raise ValueError(f"base {base!r} is already one-to-one; give a one-to-many method")
         params = dict(base_params or {})
         params.setdefault("ensure_each_gt", bool(ensure_each_gt))
+        for key, value in small_objects.items():  # stal options: the base method's
+            params.setdefault(key, value)
         self.base = build_assigner(base, num_classes, **params)
         self.uses_predictions = self.base.uses_predictions
 
@@ -197,7 +206,8 @@ class O2OAssigner(Assigner):
         if G == 0:
             return Assignment(gt_index=out.gt_index, labels=out.labels, quality=out.quality,
                               candidate_mask=out.candidate_mask)
-        metric = pair_metric(self.base, out, priors, pred_scores, pred_boxes, gt_boxes, gt_labels)
+        metric = pair_metric(self.base, out, priors, pred_scores, pred_boxes, gt_boxes, gt_labels,
+                             gt_valid)
         keep = keep_best_per_object(out.gt_index, metric, G)
         gt_index = torch.where(keep, out.gt_index, -1)
         zero = out.quality.new_zeros(())
@@ -220,6 +230,6 @@ class TALO2OAssigner(O2OAssigner):
     provides = frozenset({"align_target"})
 
     def __init__(self, num_classes: int, topk: int = 7, alpha: float = 1.0, beta: float = 6.0,
-                 ensure_each_gt: bool = False):
+                 ensure_each_gt: bool = False, **small_objects):
         super().__init__(num_classes, "tal", {"topk": topk, "alpha": alpha, "beta": beta},
-                         ensure_each_gt)
+                         ensure_each_gt, **small_objects)

@@ -16,9 +16,13 @@ from densedet.boxes import box_iou
 def _metric(base: str, params: dict, r: dict, j: int, a: int, priors: Tensor, scores: Tensor,
             boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes: int) -> float:
     """The base metric (higher is better) of prior ``a`` with object ``j``, from its definition."""
+    from densedet.assign.reference import candidate_boxes
     from densedet.assign.reference.lla import focal
 
     box = gt_boxes[j].double()
+    # the penalties' inside-the-box tests: the base's candidate boxes (stal widening)
+    cand = candidate_boxes(gt_boxes, params.get("stal", False), params.get("stal_small_side", 8.0),
+                           params.get("stal_widen_to", 16.0))[j].double()
     c = int(gt_labels[j])
     p = scores[a].double()
     s = p[c]
@@ -42,7 +46,7 @@ def _metric(base: str, params: dict, r: dict, j: int, a: int, priors: Tensor, sc
             - params.get("iou_weight", 3.0) * torch.log(iou + 1e-8)
         rad = params.get("center_radius", 2.5) * stride
         in_square = cx - rad < x < cx + rad and cy - rad < y < cy + rad
-        in_box = abs(x - cx) < (x2 - x1) / 2 and abs(y - cy) < (y2 - y1) / 2
+        in_box = abs(x - cx) < (cand[2] - cand[0]) / 2 and abs(y - cy) < (cand[3] - cand[1]) / 2
         if params.get("center_only", False):
             return -float(cost + 1e6 * (not in_square))
         return -float(cost + 1e5 * (not (in_box and in_square)))
@@ -55,7 +59,7 @@ def _metric(base: str, params: dict, r: dict, j: int, a: int, priors: Tensor, sc
             exponent = min(dist / stride - params.get("soft_center_radius", 3.0), 30.0)
             cost = cost + 10.0 ** exponent
         return -float(cost)
-    margin = min(x - x1, y - y1, x2 - x, y2 - y)
+    margin = min(x - cand[0], y - cand[1], cand[2] - x, cand[3] - y)
     if base == "lla":
         cost = focal(p, onehot).sum() - params.get("reg_weight", 1.5) * torch.log(iou + 1e-7)
         return -float(cost + 1e3 * (margin <= 0.01))
@@ -72,12 +76,14 @@ def _metric(base: str, params: dict, r: dict, j: int, a: int, priors: Tensor, sc
 
 def assign(priors: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
            num_classes: int, base: str = "tal", base_params: dict | None = None,
-           ensure_each_gt: bool = False) -> dict:
+           ensure_each_gt: bool = False, **small_objects) -> dict:
     """``o2o`` of ``base`` for one image with ``g`` valid objects."""
     from densedet.assign.reference import reference_assign
 
     params = dict(base_params or {})
     params.setdefault("ensure_each_gt", ensure_each_gt)
+    for key, value in small_objects.items():
+        params.setdefault(key, value)
     r = reference_assign(base)(priors, scores, boxes, gt_boxes, gt_labels, num_classes, **params)
     A = priors.shape[0]
     gt_index = torch.full((A,), -1, dtype=torch.long)
