@@ -51,6 +51,15 @@ def conv_gn_relu_tower(width: int, num_convs: int, bias: bool = False) -> nn.Seq
                            for _ in range(num_convs)))
 
 
+def split_last(tower: nn.Sequential) -> tuple[nn.Module, nn.Module]:
+    """``(all but the last layer, the last layer)`` of a tower (identities when it is empty):
+    an end-to-end head shares the first part and gives its one-to-one branch a copy of the
+    last layer (docs/end2end.md)."""
+    if not len(tower):
+        return nn.Identity(), nn.Identity()
+    return tower[:-1], tower[-1]
+
+
 def gather_assigned_boxes(gt_boxes: Tensor, gt_index: Tensor) -> Tensor:
     """The box of each prior's assigned object: ``[B, G, 4]``, ``[B, A]`` -> ``[B, A, 4]``
     (background priors get object 0's box, or zeros when G = 0; mask them out)."""
@@ -124,11 +133,9 @@ class FCOSHead(Head):
     def make_o2o_branch(self) -> nn.Module:
         """The one-to-one branch (docs/end2end.md): copies of the last layer of both towers,
         of the three prediction convs and of the per-level scales."""
-        def last(tower: nn.Sequential) -> nn.Module:
-            return copy.deepcopy(tower[-1]) if len(tower) else nn.Identity()
-
         return nn.ModuleDict({
-            "cls_last": last(self.cls_tower), "reg_last": last(self.reg_tower),
+            "cls_last": copy.deepcopy(split_last(self.cls_tower)[1]),
+            "reg_last": copy.deepcopy(split_last(self.reg_tower)[1]),
             "cls_logits": copy.deepcopy(self.cls_logits), "bbox_reg": copy.deepcopy(self.bbox_reg),
             "quality": copy.deepcopy(self.quality), "scales": copy.deepcopy(self.scales)})
 
@@ -151,14 +158,12 @@ class FCOSHead(Head):
             for key, t in got.items():
                 outs.setdefault(prefix + key, []).append(t)
 
-        shared = len(self.cls_tower) > 0  # all but the last tower layer serve both branches
+        # all but the last tower layer serve both branches
+        (cls_shared, cls_last), (reg_shared, reg_last) = map(split_last, (self.cls_tower, self.reg_tower))
         for level, x in enumerate(feats):
-            c = self.cls_tower[:-1](x) if shared else x
-            r = self.reg_tower[:-1](x) if len(self.reg_tower) else x
+            c, r = cls_shared(x), reg_shared(x)
             if o2m:
-                predict("", self, self.cls_tower[-1] if shared else nn.Identity(),
-                        self.reg_tower[-1] if len(self.reg_tower) else nn.Identity(),
-                        level, c, r, refine=True)
+                predict("", self, cls_last, reg_last, level, c, r, refine=True)
             if o2o:
                 if self.o2o_detach:
                     c, r = c.detach(), r.detach()
