@@ -183,7 +183,7 @@ def test_predict_names_broken_images_and_keeps_one_grid(weights, tmp_path, capsy
     assert "FAILED: 1 image(s) could not be read" in captured.out
     data = json.loads((out / "detections.json").read_text())
     assert data == written
-    assert set(data) == {"weights", "classes", "score_thresh", "images", "errors"}
+    assert set(data) == {"weights", "classes", "score_thresh", "branch", "images", "errors"}
     assert [e["file"] for e in data["errors"]] == [str(bad)]
     assert data["errors"][0]["error"].startswith("truncated JPEG")
     by_name = {Path(r["image"]).name: r for r in data["images"]}
