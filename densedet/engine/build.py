@@ -147,7 +147,8 @@ def model_from_weights(weights: str | Path, config_path: Optional[str | Path] = 
     elif isinstance(ckpt.get("config"), dict):
         cfg = config_from_dict(ckpt["config"], overrides, where=f"{weights} (stored config)")
     else:
-        raise DensedetError(f"{weights}: the checkpoint carries no config; pass the config file")
+        raise DensedetError(f"{weights}: the checkpoint carries no config; pass the config file (an "
+                            f"official YOLOX / NanoDet-Plus / FCOS file: `densedet convert` it first)")
     classes = ckpt.get("classes") or cfg.data.classes
     if not classes:
         raise DensedetError(f"{weights}: no class names in the checkpoint or config (data.classes)")
