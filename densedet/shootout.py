@@ -26,7 +26,7 @@ from densedet.engine.build import model_from_weights, o2o_assigner_spec, read_sp
 from densedet.models import build_model
 
 COLUMNS = ("assigner", "seed", "AP", "AP50", "pos_per_object", "objects_without_pos",
-           "assign_ms_per_iter", "wall_s")
+           "objects_without_pos_stal", "assign_ms_per_iter", "wall_s")
 #: end-to-end runs (model.end2end, docs/end2end.md) add: the one-to-many head scored with NMS
 #: (AP, AP50 are the one-to-one branch's, without NMS) and the one-to-one assigner's counts
 E2E_COLUMNS = ("AP_o2m_nms", "AP50_o2m_nms", "o2o_pos_per_object", "o2o_objects_without_pos")
@@ -47,9 +47,11 @@ def assignment_stats(weights: Path, assigner_name: str, assigner_params: dict,
                      max_images: int = 200, o2o: bool = False) -> dict:
     """Run a trained model's assigner over validation images with the model's own predictions.
 
-    Returns ``pos_per_object`` (mean positives per valid object) and ``objects_without_pos``
-    (fraction of valid objects with no positive prior). ``o2o``: the end-to-end model's
-    one-to-one assigner on its one-to-one branch's predictions instead.
+    Returns ``pos_per_object`` (mean positives per valid object), ``objects_without_pos``
+    (fraction of valid objects with no positive prior) and ``objects_without_pos_stal``: the
+    same fraction with the small-object widening on (``stal``, docs/design.md; None for an
+    assigner without the option). ``o2o``: the end-to-end model's one-to-one assigner on its
+    one-to-one branch's predictions instead.
     """
 
     model, cfg, classes = model_from_weights(weights, log=lambda *_: None)
@@ -60,27 +62,37 @@ def assignment_stats(weights: Path, assigner_name: str, assigner_params: dict,
     input_size = cfg.input_size if isinstance(cfg.input_size, int) else tuple(cfg.input_size)
     dataset = DetectionDataset(samples, input_size, augment=None)
     assigner = build_assigner(assigner_name, len(classes), **assigner_params)
+    try:
+        widened = build_assigner(assigner_name, len(classes), **{**assigner_params, "stal": True})
+    except TypeError:  # a method whose candidates are not "centre inside the box"
+        widened = None
     device = next(model.parameters()).device
-    total_pos, total_obj, total_empty = 0, 0, 0
+    total_pos, total_obj, total_empty, total_empty_stal = 0, 0, 0, 0
     for start in range(0, len(dataset), batch_size):
         images, targets, _ = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         targets = {k: v.to(device) for k, v in targets.items()}
         raw = model(images.to(device))
         view = model.head.o2o_view(raw) if o2o else raw
         scores, boxes = model.head.assigner_inputs(view, raw["priors"])
-        out = assigner(raw["priors"], scores, boxes, targets["gt_boxes"], targets["gt_labels"],
-                       targets["gt_valid"])
-        G = targets["gt_valid"].shape[1]
-        gi = out.gt_index
-        counts = torch.zeros(gi.shape[0], G + 1, dtype=torch.long, device=gi.device)
-        counts.scatter_add_(1, (gi + 1).clamp(min=0), torch.ones_like(gi))
-        counts = counts[:, 1:]
+        inputs = (raw["priors"], scores, boxes, targets["gt_boxes"], targets["gt_labels"], targets["gt_valid"])
         valid = targets["gt_valid"]
+        counts = _positives_per_object(assigner(*inputs).gt_index, valid.shape[1])
         total_pos += int(counts[valid].sum())
         total_obj += int(valid.sum())
         total_empty += int(((counts == 0) & valid).sum())
+        if widened is not None:
+            total_empty_stal += int(((_positives_per_object(widened(*inputs).gt_index, valid.shape[1]) == 0)
+                                     & valid).sum())
     return {"pos_per_object": total_pos / max(total_obj, 1),
-            "objects_without_pos": total_empty / max(total_obj, 1)}
+            "objects_without_pos": total_empty / max(total_obj, 1),
+            "objects_without_pos_stal": total_empty_stal / max(total_obj, 1) if widened is not None else None}
+
+
+def _positives_per_object(gt_index: torch.Tensor, num_objects: int) -> torch.Tensor:
+    """``[B, A]`` owner per prior (−1: background) → ``[B, G]`` positives per object."""
+    counts = torch.zeros(gt_index.shape[0], num_objects + 1, dtype=torch.long, device=gt_index.device)
+    counts.scatter_add_(1, (gt_index + 1).clamp(min=0), torch.ones_like(gt_index))
+    return counts[:, 1:]
 
 
 def run_one(config: str, overrides: Sequence[str], assigner: str, seed: int, epochs: Optional[int],
@@ -107,6 +119,7 @@ def run_one(config: str, overrides: Sequence[str], assigner: str, seed: int, epo
     row = {"assigner": assigner, "seed": seed, "AP": metrics.get("AP"), "AP50": metrics.get("AP50"),
            "pos_per_object": stats["pos_per_object"],
            "objects_without_pos": stats["objects_without_pos"],
+           "objects_without_pos_stal": stats["objects_without_pos_stal"],
            "assign_ms_per_iter": mean_csv_column(run_dir / "log.csv", "assign_ms"),
            "wall_s": wall}
     if cfg.model.end2end:  # both branches: the one-to-many head with NMS for comparison
@@ -127,7 +140,8 @@ def _fmt(v, pct: bool = False) -> str:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """One row per assigner: means over seeds, and the spread (max − min) of AP."""
+    """One row per assigner: means over seeds; for mAP50-95 also the standard deviation over
+    seeds (``AP_std``, sample std, None for one seed) and the range (``AP_spread``)."""
     out = []
     for name in dict.fromkeys(r["assigner"] for r in rows):
         rs = [r for r in rows if r["assigner"] == name]
@@ -139,24 +153,50 @@ def summarise(rows: list[dict]) -> list[dict]:
             vals = [r[k] for r in rs if r.get(k) is not None]
             s[k] = statistics.fmean(vals) if vals else None
         aps = [r["AP"] for r in rs if r.get("AP") is not None]
+        s["AP_std"] = statistics.stdev(aps) if len(aps) > 1 else None
         s["AP_spread"] = (max(aps) - min(aps)) if len(aps) > 1 else None
         out.append(s)
     return out
 
 
+def separated_pairs(summary: list[dict], factor: float = 2.0) -> list[tuple[str, str, float, float]]:
+    """Pairs of assigners whose mean mAP50-95 differ by more than ``factor`` times the larger
+    of their two seed standard deviations: ``(better, worse, difference, that std)``, largest
+    difference first. Assigners run with one seed have no spread and are never paired."""
+    rows = [s for s in summary if "skipped" not in s and s.get("AP_std") is not None]
+    pairs = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            hi, lo = (a, b) if a["AP"] >= b["AP"] else (b, a)
+            spread = max(a["AP_std"], b["AP_std"])
+            if hi["AP"] - lo["AP"] > factor * spread:
+                pairs.append((hi["assigner"], lo["assigner"], hi["AP"] - lo["AP"], spread))
+    return sorted(pairs, key=lambda p: -p[2])
+
+
 def markdown_table(summary: list[dict]) -> str:
-    lines = ["| assigner | seeds | mAP50-95 | mAP50 | pos / object | objects w/o pos | assign ms / iter | wall s |",
+    lines = ["| assigner | seeds | mAP50-95 (mean ± std) | mAP50 | pos / object | objects w/o pos "
+             "(STAL off → on) | assign ms / iter | wall s |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         if "skipped" in s:
             lines.append(f"| {s['assigner']} | – | {s['skipped']} | | | | | |")
             continue
         ap = _fmt(s["AP"], pct=True)
-        if s.get("AP_spread") is not None:
-            ap += f" (spread {100 * s['AP_spread']:.1f})"
+        if s.get("AP_std") is not None:
+            ap += f" ± {100 * s['AP_std']:.1f}"
+        empty = f"{_fmt(s['objects_without_pos'], True)}%"
+        if s.get("objects_without_pos_stal") is not None:
+            empty += f" → {_fmt(s['objects_without_pos_stal'], True)}%"
         lines.append(f"| {s['assigner']} | {','.join(map(str, s['seeds']))} | {ap} | {_fmt(s['AP50'], True)} | "
-                     f"{_fmt(s['pos_per_object'])} | {_fmt(s['objects_without_pos'], True)}% | "
+                     f"{_fmt(s['pos_per_object'])} | {empty} | "
                      f"{_fmt(s['assign_ms_per_iter'])} | {_fmt(s['wall_s'])} |")
+    if any(s.get("AP_std") is not None for s in summary):
+        pairs = separated_pairs(summary)
+        lines += ["", "Pairs whose mean mAP50-95 differ by more than twice the larger seed std "
+                  "of the two:", ""]
+        lines += [f"- {a} > {b}: +{100 * d:.1f} (std {100 * sd:.1f})" for a, b, d, sd in pairs] or [
+            "- none: at this budget no assigner is separated from another by the seeds' spread"]
     e2e = [s for s in summary if "AP_o2m_nms" in s]
     if e2e:  # end-to-end runs: the other branch (docs/end2end.md)
         lines += ["", "End-to-end models: mAP above is the one-to-one branch without NMS; the "
@@ -180,7 +220,7 @@ def bar_plot(summary: list[dict], path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(1.2 * max(len(rows), 3) + 2, 3.6))
     ap = [100 * (s["AP"] or 0) for s in rows]
     ap50 = [100 * (s["AP50"] or 0) for s in rows]
-    err = [100 * (s.get("AP_spread") or 0) / 2 for s in rows]
+    err = [100 * (s.get("AP_std") or 0) for s in rows]
     ax.bar([i - 0.2 for i in x], ap, 0.4, yerr=err, label="mAP50-95", capsize=3)
     ax.bar([i + 0.2 for i in x], ap50, 0.4, label="mAP50")
     ax.set_xticks(list(x), names)
@@ -211,15 +251,16 @@ def shootout(config: str, assigners: Sequence[str], overrides: Sequence[str] = (
     out_dir.mkdir(parents=True, exist_ok=True)
     base = load_config(config, list(overrides))
     compatible = compatible_assigners(base)
-    rows = []
-    for name in assigners:
-        if name not in compatible:  # refused before any training starts
-            rows.append({"assigner": name, "skipped": f"incompatible with {base.model.name}"})
-            continue
-        for seed in seeds:
-            log(f"== shootout: {name}, seed {seed} ==")
-            rows.append(run_one(config, overrides, name, seed, epochs, out_dir, log=log))
-    summary = summarise(rows)
+    rows = [{"assigner": name, "skipped": f"incompatible with {base.model.name}"}
+            for name in assigners if name not in compatible]  # refused before any training starts
+    # seeds outer: an interrupted shoot-out has every assigner at the same number of seeds
+    for seed in seeds:
+        for name in assigners:
+            if name in compatible:
+                log(f"== shootout: {name}, seed {seed} ==")
+                rows.append(run_one(config, overrides, name, seed, epochs, out_dir, log=log))
+    order = {name: i for i, name in enumerate(assigners)}
+    summary = sorted(summarise(rows), key=lambda s: order[s["assigner"]])
     title = f"{base.model.name} ({base.model.size or 'default'}) on {base.data.root}"
     (out_dir / "shootout.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=2) + "\n")
     bar_plot(summary, out_dir / "shootout.png", title)
@@ -227,7 +268,8 @@ def shootout(config: str, assigners: Sequence[str], overrides: Sequence[str] = (
           markdown_table(summary), "",
           "mAP on the validation split from each run's best checkpoint (EMA); positives per object "
           "and objects without a positive from that run's assigner over the validation images "
-          "with the trained model's predictions; assign ms is the mean assigner time per "
-          "training iteration; wall s is the whole training run.", ""]
+          "with the trained model's predictions (STAL off → on: the same with the small-object "
+          "widening); assign ms is the mean assigner time per training iteration; wall s is "
+          "the whole training run.", ""]
     (out_dir / "shootout.md").write_text("\n".join(md))
     return summary

@@ -112,6 +112,7 @@ def test_shootout_end_to_end_on_a_tiny_budget(tiny_voc, tmp_path):
         s = by_name[name]
         assert 0.0 <= s["AP"] <= 1.0 and s["wall_s"] > 0 and s["assign_ms_per_iter"] > 0
         assert s["pos_per_object"] >= 0 and 0.0 <= s["objects_without_pos"] <= 1.0
+        assert 0.0 <= s["objects_without_pos_stal"] <= 1.0  # both methods take the stal option
         assert (out / f"{name}_seed0" / "best.pt").exists()
     assert (out / "shootout.png").stat().st_size > 2000
     md = (out / "shootout.md").read_text()
@@ -156,3 +157,28 @@ def test_teaching_image_prefers_several_objects_of_different_sizes():
     mixed = sample("mixed", [12, 60, 150, 20])
     assert teaching_image([one_big, same_size, crowd, mixed]).image_id == "mixed"
     assert teaching_image([one_big, same_size]).image_id == "same"  # several objects first
+
+
+def test_shootout_summary_reports_mean_std_and_separated_pairs():
+    from densedet.shootout import markdown_table, separated_pairs, summarise
+
+    def row(name, seed, ap):
+        return {"assigner": name, "seed": seed, "AP": ap, "AP50": 2 * ap, "pos_per_object": 3.0,
+                "objects_without_pos": 0.1, "objects_without_pos_stal": 0.05,
+                "assign_ms_per_iter": 1.0, "wall_s": 9.0}
+
+    aps = {"a": [0.30, 0.31, 0.32], "b": [0.20, 0.21, 0.22], "c": [0.295, 0.305, 0.285]}
+    rows = [row(n, s, ap) for n, v in aps.items() for s, ap in enumerate(v)]
+    summary = {s["assigner"]: s for s in summarise(rows)}
+    for name, v in aps.items():  # sample std, written out from its definition
+        m = sum(v) / 3
+        assert summary[name]["AP"] == pytest.approx(m)
+        assert summary[name]["AP_std"] == pytest.approx((sum((x - m) ** 2 for x in v) / 2) ** 0.5)
+    pairs = separated_pairs(list(summary.values()))
+    # a and c differ by 0.01 with stds of 0.01: not separated; b trails both by ~0.1
+    assert [(p[0], p[1]) for p in pairs] == [("a", "b"), ("c", "b")]
+    table = markdown_table(list(summary.values()))
+    assert "| a | 0,1,2 | 31.0 ± 1.0 |" in table and "10.0% → 5.0%" in table
+    assert "- a > b: +10.0 (std 1.0)" in table and "a > c" not in table and "c > a" not in table
+    one_seed = summarise([row("a", 0, 0.3), row("b", 0, 0.1)])
+    assert separated_pairs(one_seed) == []  # no spread, no claim
