@@ -9,10 +9,29 @@ import pytest
 import torch
 from test_assign_dynamic import grid_case, make_scene, priors_for
 
-from densedet.assign import build_assigner
+from densedet.assign import build_assigner, common
 from densedet.assign.ota import LOG2_E, OTAAssigner, sinkhorn_prior_potentials
 from densedet.assign.reference import run_per_image
 from densedet.models import build_model
+
+@pytest.fixture(autouse=True, params=["dense", "packed"])
+def kernel_layout(request, monkeypatch):
+    """Every test runs on both layouts of the kernel: dense (everyday batches) and packed
+    object rows (huge scenes; forced here with a pair budget of 0)."""
+    if request.param == "packed":
+        monkeypatch.setattr(common, "MAX_CHUNK_PAIRS", 0)
+    return request.param
+
+
+def test_packed_layout_keeps_no_dense_kernel(kernel_layout):
+    priors, scores, boxes, gt, labels, valid = make_scene(3)
+    assigner = build_assigner("ota", num_classes=5)
+    assigner(priors, scores, boxes, gt, labels, valid)
+    B, A, G = scores.shape[0], scores.shape[1], gt.shape[1]
+    kept = {name for name, _ in assigner._workspace._buffers}
+    assert kept == ({"kernel", "ious", "scratch"} if kernel_layout == "dense" else set())
+    assert (B * (G + 1) * A > common.MAX_CHUNK_PAIRS) == (kernel_layout == "packed")
+
 
 PARAMS = [{}, {"candidate_topk": 5, "reg_weight": 3.0}, {"center_radius": 1.0},
           {"sinkhorn_eps": 0.5, "sinkhorn_iters": 7, "focal_alpha": 0.5, "focal_gamma": 1.0}]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -397,14 +397,22 @@ def assigned_box_iou(pred_boxes: Tensor, gt_boxes: Tensor, gt_index: Tensor) -> 
     # box_iou(pred_boxes, assigned boxes, aligned=True), one coordinate at a time on
     # contiguous [B, A] rows (the [..., :2] slices of [B, A, 4] make every kernel scalar)
     idx = gt_index.clamp(min=0)
-    gx1, gy1, gx2, gy2 = (gt_boxes[..., i].gather(1, idx) for i in range(4))
-    px1, py1, px2, py2 = pred_boxes.permute(2, 0, 1).contiguous()
+    gt = [gt_boxes[..., i].gather(1, idx) for i in range(4)]
+    return aligned_box_iou(pred_boxes.permute(2, 0, 1).contiguous(), gt).masked_fill_(gt_index < 0, 0.0)
+
+
+def aligned_box_iou(pred: Sequence[Tensor], gt: Sequence[Tensor]) -> Tensor:
+    """IoU of box ``pred`` with box ``gt``, element by element, from their coordinates
+    ``(x1, y1, x2, y2)`` given as four broadcastable tensors each (contiguous rows: the
+    ``[..., :2]`` slices of ``[..., 4]`` make every kernel scalar). The same operations as
+    the pairwise ``box_iou(gt_boxes, pred_boxes)``, so the same float bit for bit."""
+    px1, py1, px2, py2 = pred
+    gx1, gy1, gx2, gy2 = gt
     area = torch.sub(px2, px1).clamp_(min=0).mul_(torch.sub(py2, py1).clamp_(min=0))
     area += torch.sub(gx2, gx1).clamp_(min=0).mul_(torch.sub(gy2, gy1).clamp_(min=0))
     w = torch.minimum(px2, gx2).sub_(torch.maximum(px1, gx1)).clamp_(min=0)
     inter = w.mul_(torch.minimum(py2, gy2).sub_(torch.maximum(py1, gy1)).clamp_(min=0))
-    iou = inter.div_(area.sub_(inter).clamp_(min=BOX_EPS))
-    return iou.masked_fill_(gt_index < 0, 0.0)
+    return inter.div_(area.sub_(inter).clamp_(min=BOX_EPS))
 
 
 # ------------------------------------------------------------------------ class cost
