@@ -310,9 +310,12 @@ class OTAAssigner(Assigner):
         # of rows at a time (nonzero, like a sum of bools, makes an int64 per element)
         step = max(1, common.IOU_CHUNK_ELEMENTS // max(A, 1))
         flat = region.view(B * G, A)
-        rows, pa = (torch.cat(t) for t in zip(*(
-            (lambda r, a, start=start: (r + start, a))(*flat[start:start + step].nonzero(as_tuple=True))
-            for start in range(0, B * G, step))))
+        row_parts, prior_parts = [], []
+        for start in range(0, B * G, step):
+            r, a = flat[start:start + step].nonzero(as_tuple=True)
+            row_parts.append(r + start)
+            prior_parts.append(a)
+        rows, pa = torch.cat(row_parts), torch.cat(prior_parts)
         pb, pi = rows.div(G, rounding_mode="floor"), rows.remainder(G)
         counts = torch.bincount(rows, minlength=B * G)  # [B * G]
         has_region = (counts > 0).view(B, G)
