@@ -9,28 +9,47 @@ import pytest
 import torch
 from test_assign_dynamic import grid_case, make_scene, priors_for
 
-from densedet.assign import build_assigner, common
+from densedet.assign import build_assigner, ota
 from densedet.assign.ota import LOG2_E, OTAAssigner, sinkhorn_prior_potentials
 from densedet.assign.reference import run_per_image
 from densedet.models import build_model
 
 @pytest.fixture(autouse=True, params=["dense", "packed"])
 def kernel_layout(request, monkeypatch):
-    """Every test runs on both layouts of the kernel: dense (everyday batches) and packed
-    object rows (huge scenes; forced here with a pair budget of 0)."""
-    if request.param == "packed":
-        monkeypatch.setattr(common, "MAX_CHUNK_PAIRS", 0)
+    """Every test runs on both layouts of the kernel: dense (everyday GPU batches) and packed
+    object rows (CPU, huge scenes)."""
+    monkeypatch.setattr(ota, "use_packed_rows", lambda *shape: request.param == "packed")
     return request.param
 
 
-def test_packed_layout_keeps_no_dense_kernel(kernel_layout):
+def test_layout_choice_and_packed_rows_keep_no_dense_kernel(kernel_layout, monkeypatch):
     priors, scores, boxes, gt, labels, valid = make_scene(3)
     assigner = build_assigner("ota", num_classes=5)
     assigner(priors, scores, boxes, gt, labels, valid)
-    B, A, G = scores.shape[0], scores.shape[1], gt.shape[1]
     kept = {name for name, _ in assigner._workspace._buffers}
     assert kept == ({"kernel", "ious", "scratch"} if kernel_layout == "dense" else set())
-    assert (B * (G + 1) * A > common.MAX_CHUNK_PAIRS) == (kernel_layout == "packed")
+    monkeypatch.undo()
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert ota.use_packed_rows(cpu, 16, 20, 8400)
+    assert not ota.use_packed_rows(gpu, 16, 20, 8400) and not ota.use_packed_rows(gpu, 2, 500, 8400)
+    assert ota.use_packed_rows(gpu, 1, 5000, 8400)  # huge scenes on any device
+
+
+def test_background_cost_does_not_change_the_plan():
+    # a constant per prior (column) is absorbed by the prior potential
+    priors, scores, boxes, gt, labels, valid = make_scene(5)
+    G, A = gt.shape[1], priors.shape[0]
+    cost = torch.rand(2, G + 1, A, dtype=torch.float64) * 3
+    shift = torch.rand(2, 1, A, dtype=torch.float64) * 50
+    log_mu = torch.rand(2, G + 1, dtype=torch.float64).add_(0.5).log2_()
+    rows = torch.ones(2, G + 1, dtype=torch.bool)
+    plans = []
+    for c in (cost, cost + shift):
+        k = -c * LOG2_E / 0.1
+        g = sinkhorn_prior_potentials(k.clone(), log_mu, rows, rows, 30, torch.empty_like(k))
+        x = k + g[:, None, :]
+        plans.append(x - x.amax(dim=2, keepdim=True))
+    torch.testing.assert_close(plans[0], plans[1], rtol=0, atol=1e-9)
 
 
 PARAMS = [{}, {"candidate_topk": 5, "reg_weight": 3.0}, {"center_radius": 1.0},
