@@ -16,7 +16,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +94,26 @@ def _legacy_numpy_globals() -> list:
     return allowed
 
 
+def safe_load(path: Path, map_location: str | torch.device = "cpu", extra_globals: Sequence = (),
+              hint: str = "") -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers (and numpy arrays of old
+    files, and ``extra_globals``) only. A pickle that references code is refused with an error
+    naming the file and what it references (``hint`` says what to do); nothing in it runs."""
+    if not path.is_file():
+        raise DensedetError(f"{path}: weights file not found")
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals() + list(extra_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        msg = str(e)
+        if "Weights only load failed" in msg or "WeightsUnpickler" in msg:
+            found = re.search(r"GLOBAL (\S+)", msg)
+            what = f" (it references {found.group(1)})" if found else ""
+            raise DensedetError(f"{path}: densedet refuses to unpickle code; only tensors/plain "
+                                f"containers are loaded{what}. {hint}".rstrip()) from None
+        raise DensedetError(f"{path}: cannot read weights: {e}") from None  # truncated/foreign
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint (or a bare state dict, returned as ``{"model": sd}``).
 
@@ -102,22 +122,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     runs.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DensedetError(f"{path}: weights file not found")
-    try:
-        with torch.serialization.safe_globals(_legacy_numpy_globals()):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        msg = str(e)
-        if "Weights only load failed" in msg or "WeightsUnpickler" in msg:
-            found = re.search(r"GLOBAL (\S+)", msg)
-            what = f" (it references {found.group(1)})" if found else ""
-            raise DensedetError(
-                f"{path}: densedet refuses to unpickle code; only tensors/plain containers are "
-                f"loaded{what}. Use a densedet checkpoint or a plain state dict "
-                f"(torch.save(model.state_dict(), ...)); if you trust the file, re-save its tensors "
-                f"that way yourself") from None
-        raise DensedetError(f"{path}: cannot read checkpoint: {e}") from None  # truncated/foreign
+    ckpt = safe_load(path, map_location, hint="Use a densedet checkpoint or a plain state dict "
+                     "(torch.save(model.state_dict(), ...)); if you trust the file, re-save its "
+                     "tensors that way yourself")
     if isinstance(ckpt, dict) and "model" not in ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         ckpt = {"model": ckpt}
     if not isinstance(ckpt, dict) or "model" not in ckpt:

@@ -38,12 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 from torch import Tensor, nn
 
 from densedet.config import Config
-from densedet.engine.checkpoint import (_legacy_numpy_globals, inference_state_dict,
-                                        load_matching)
+from densedet.engine.checkpoint import inference_state_dict, load_matching, safe_load
 from densedet.errors import DensedetError
 
 LAYOUTS = ("yolox", "yolox-legacy", "nanodet", "torchvision-fcos", "mmdet-fcos")
@@ -90,23 +88,9 @@ def read_weights(path: str | Path) -> Any:
     """``torch.load(weights_only=True)`` of a weights file from anywhere: tensors and plain
     containers only, plus the class *names* Lightning checkpoints use as dictionary keys
     (mapped to an inert stand-in). Code in a pickle is refused, never run."""
-    path = Path(path)
-    if not path.is_file():
-        raise DensedetError(f"{path}: weights file not found")
-    allowed = _legacy_numpy_globals() + [(_PickledClassKey, name) for name in _LIGHTNING_CLASS_KEYS]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e)
-        if "Weights only load failed" in msg or "WeightsUnpickler" in msg:
-            found = re.search(r"GLOBAL (\S+)", msg)
-            what = f" (it references {found.group(1)})" if found else ""
-            raise DensedetError(
-                f"{path}: densedet refuses to unpickle code; only tensors/plain containers are "
-                f"loaded{what}. If you trust the file, re-save its state dict with "
-                f"torch.save(ckpt['state_dict'], ...) yourself") from None
-        raise DensedetError(f"{path}: cannot read weights: {e}") from None
+    return safe_load(Path(path), extra_globals=[(_PickledClassKey, name) for name in _LIGHTNING_CLASS_KEYS],
+                     hint="If you trust the file, re-save its state dict with "
+                          "torch.save(ckpt['state_dict'], ...) yourself")
 
 
 def _tensors(d: Any) -> dict[str, Tensor]:
