@@ -124,8 +124,7 @@ def pair_metric(base: Assigner, out: Assignment, priors: Tensor, scores: Tensor,
         ok = ((d - half).amax(-1) < 0) & ((d - radius).amax(-1) < 0)  # box AND square
         return -(cost + 1e5 * (~ok).double())
     if name == "dsl":
-        from densedet.assign.dsl import (soft_centre_prior, soft_label_background,
-                                         soft_label_correction)
+        from densedet.assign.dsl import soft_label_background, soft_label_correction
         cls = background(soft_label_background) + soft_label_correction(s, iou)
         cost = cls - base.iou_weight * torch.log(iou + 1e-7)
         if base.soft_center_prior:
