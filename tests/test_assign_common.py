@@ -324,3 +324,16 @@ def test_workspace_shares_one_buffer_between_chunks():
     assert b.is_contiguous() and b.data_ptr() == a.data_ptr()
     c = ws.get("x", (2, 5, 8), torch.float32, torch.device("cpu"))  # another size: reallocated
     assert c.shape == (2, 5, 8) and len(ws._buffers) == 1
+
+
+def test_per_prior_class_sum_on_candidates_only_is_the_same_float():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, 500, 7, generator=gen)
+    where = torch.rand(3, 500, generator=gen) < 0.2
+    full = common.per_prior_class_sum(scores, common.bce_background)
+    part = common.per_prior_class_sum(scores, common.bce_background, where=where)
+    assert torch.equal(part[where], full[where])  # bit for bit where the caller reads
+    assert (part[~where] == 0).all()
+    # most priors wanted: everything is computed
+    dense = torch.rand(3, 500, generator=gen) < 0.9
+    assert torch.equal(common.per_prior_class_sum(scores, common.bce_background, where=dense), full)

@@ -151,11 +151,30 @@ class Workspace:
         return {"_buffers": {}}
 
 
-def per_prior_class_sum(pred_scores: Tensor, background: Callable[[Tensor], Tensor]) -> Tensor:
+def per_prior_class_sum(pred_scores: Tensor, background: Callable[[Tensor], Tensor],
+                        where: Tensor | None = None) -> Tensor:
     """``background(pred_scores)`` (a sum over classes, ``[B, A, C]`` -> ``[B, A]``) a block
     of priors at a time: the ``[B, A, C]`` scores are the biggest input, and a whole-tensor
-    temporary of their size (43 MB at B=16) costs more to allocate than to compute."""
+    temporary of their size (43 MB at B=16) costs more to allocate than to compute.
+
+    ``where`` (``[B, A]`` bool): the priors whose sum the caller reads. On CPU, where a host
+    sync costs nothing, only those are computed when they are under half of all (the others
+    are 0): the class sum is a log per (prior, class), the largest single cost of a
+    cost-based assigner, and in everyday batches an image's candidates are a fifth of its
+    priors. Each computed entry is the same float as in the full computation (the same
+    operations on the same row of classes). Elsewhere every prior is computed (no sync).
+    """
     B, A, C = pred_scores.shape
+    if where is not None and pred_scores.device.type == "cpu":
+        idx = where.flatten().nonzero().squeeze(1)
+        if 2 * idx.numel() < B * A:
+            out = pred_scores.new_zeros(B * A)
+            rows = pred_scores.reshape(B * A, C)
+            step = max(1, BLOCK_ELEMENTS // max(C, 1))
+            for start in range(0, idx.numel(), step):
+                part = idx[start:start + step]
+                out[part] = background(rows[part])
+            return out.view(B, A)
     out = pred_scores.new_empty((B, A))
     for blk in prior_blocks(B * C, A, pred_scores.device):
         out[:, blk] = background(pred_scores[:, blk])

@@ -90,14 +90,15 @@ class DSLAssigner(Assigner):
         G = gt_boxes.shape[1]
         # padding rows contain nothing; with stal small boxes are widened (inside tests only)
         boxes = common.mask_padding_boxes(self.candidate_boxes(gt_boxes, gt_valid), gt_valid)
-        bg = common.per_prior_class_sum(pred_scores, soft_label_background)  # [B, A]
         padding_inf = common.row_inf(gt_valid)  # [B, G, 1]: 0, inf on padding rows
         chunks = common.object_chunks(B, G, A)
         union = None  # the image's candidates (inside any box), [B, A]
-        if len(chunks) > 1:  # needed by every chunk: first, over all chunks
+        if len(chunks) > 1 or pred_scores.device.type == "cpu":
+            # needed by every chunk, and on CPU it spares the class sum elsewhere: first
             union = common.prior_any(
                 lambda part, blk: common.box_margin(priors[blk, :2], boxes[:, part]).amax(1) > 0,
                 chunks, B, A, pred_scores.device)
+        bg = common.per_prior_class_sum(pred_scores, soft_label_background, where=union)  # [B, A]
 
         def pairs(part: slice, blk: slice) -> tuple[Tensor, Tensor, Tensor]:
             """Inside-box mask, cost and IoU of the objects ``part`` with the priors ``blk``."""

@@ -78,7 +78,6 @@ class SimOTAAssigner(Assigner):
         if gt_boxes.shape[1] == 0:
             return common.empty_assignment(B, A, pred_scores.device)
         G = gt_boxes.shape[1]
-        bg = common.per_prior_class_sum(pred_scores, common.bce_background)  # [B, A]
         # the penalty per pair outside "box AND square": 1e5, or inf on padding rows, which
         # keeps them from choosing or winning anything
         penalty = torch.where(gt_valid, 1e6 if self.center_only else 1e5, common.INF)[..., None]
@@ -90,12 +89,14 @@ class SimOTAAssigner(Assigner):
             return None if cand_boxes is None else cand_boxes[:, part]
 
         union = None  # the image's candidates (union of the objects' regions), [B, A]
-        if len(chunks) > 1:  # needed by every chunk: first, over all chunks
+        if len(chunks) > 1 or pred_scores.device.type == "cpu":
+            # needed by every chunk, and on CPU it spares the class sum elsewhere: first
             union = common.prior_any(
                 lambda part, blk: self.geometry_gaps(priors[blk], gt_boxes[:, part],
                                                      gt_valid[:, part],
                                                      cand(part))[0].amin(dim=1) < 0,
                 chunks, B, A, pred_scores.device)
+        bg = common.per_prior_class_sum(pred_scores, common.bce_background, where=union)  # [B, A]
 
         def pairs(part: slice, blk: slice) -> tuple[Tensor, Tensor, Tensor]:
             """Region, cost and IoU of the objects ``part`` with the priors ``blk``,
