@@ -379,21 +379,42 @@ class OTAAssigner(Assigner):
         f = torch.zeros(R, dtype=dtype, device=device).masked_fill_(~(gt_valid & has_region).flatten(), NEG_INF)
         f_bg = torch.zeros(B, dtype=dtype, device=device)
         flat_col = col.flatten()
-        g = None
+        # Only the priors some object reaches ("touched": its penalty-free ones, and every
+        # prior of an image with a dense row) need a column sum; at every other prior the
+        # background alone is there (log kernel 0), so its potential is log_nu - f_bg of its
+        # image. The Sinkhorn runs over the touched priors only (a fifth of them in everyday
+        # batches), in positions 0..nT-1 of a compact axis (nT: the dummy).
+        touched = torch.zeros(dummy + 1, dtype=torch.bool, device=device)
+        touched[flat_col] = True
+        touched[dummy] = False
+        if drow.numel():
+            touched[:dummy].view(B, A)[db] = True
+        t_idx = touched.nonzero().squeeze(1)  # [nT] flat prior index, ascending
+        nT = t_idx.numel()
+        t_img = t_idx.div(A, rounding_mode="floor")
+        position = torch.full((dummy + 1,), nT, dtype=torch.long, device=device)
+        position[t_idx] = torch.arange(nT, device=device)
+        ccol = position.take(col)  # [R, W] compact column of each packed entry
+        flat_ccol = ccol.flatten()
+        untouched = A - torch.bincount(t_img, minlength=B)  # [B]
+        # a dense row's image is wholly touched: its priors are one run of the compact axis
+        first = torch.cumsum(torch.bincount(t_img, minlength=B), 0) - torch.bincount(t_img, minlength=B)
+        dpos = first[db][:, None] + torch.arange(A, device=device)  # [Nd, A]
+        g_t = None
         for it in range(self.sinkhorn_iters):
-            # column update: every prior's sum over the suppliers that reach it
-            t_obj = k_obj + f[:, None]
-            t_bg = k_bg + f_bg[:, None]
-            t_dense = k_dense + f[drow][:, None]
-            g = _column_logsumexp2(t_bg, t_obj.flatten(), flat_col, t_dense, db).neg_().add_(log_nu)
+            # column update: every touched prior's sum over the suppliers that reach it
+            g_t = _column_logsumexp2(f_bg[t_img], (k_obj + f[:, None]).flatten(), flat_ccol,
+                                     k_dense + f[drow][:, None], dpos).neg_().add_(log_nu)
             if it == self.sinkhorn_iters - 1:
                 break
-            g_flat = torch.cat([g.flatten(), g.new_zeros(1)])  # the dummy column
-            f = torch.sub(log_mu, _logsumexp2_(g_flat.take(col).add_(k_obj), 1))
+            g_ext = torch.cat([g_t, g_t.new_zeros(1)])  # the dummy
+            f = torch.sub(log_mu, _logsumexp2_(g_ext.take(ccol).add_(k_obj), 1))
             if drow.numel():
-                f[drow] = log_mu[drow] - _logsumexp2_(k_dense + g[db], 1)
+                f[drow] = log_mu[drow] - _logsumexp2_(k_dense + g_t[dpos], 1)
             f.masked_fill_(~row_valid, NEG_INF)
-            f_bg = log_mu_bg - _logsumexp2_(k_bg + g, 1)
+            f_bg = log_mu_bg - _image_logsumexp2(g_t, t_img, (-f_bg).add_(log_nu), untouched)
+        g = (-f_bg).add_(log_nu)[:, None].repeat(1, A)  # [B, A]: untouched priors
+        g.view(-1)[t_idx] = g_t
 
         # decision: each supplier's row rescaled to its largest entry, then the best per prior
         g_flat = torch.cat([g.flatten(), g.new_zeros(1)])
@@ -437,22 +458,33 @@ class OTAAssigner(Assigner):
 
 
 def _column_logsumexp2(t_bg: Tensor, t_obj: Tensor, col: Tensor, t_dense: Tensor,
-                       dense_image: Tensor) -> Tensor:
-    """``log2`` of the sum of ``2**t`` over every supplier at each prior, ``[B, A]``: the
-    background row ``t_bg [B, A]``, the packed object entries ``t_obj [R * W]`` at flat prior
-    ``col`` (``B * A`` is a dummy column for padding) and dense rows ``t_dense [Nd, A]`` of
-    images ``dense_image``. A scatter version of :func:`_logsumexp2_` (same clamp)."""
-    B, A = t_bg.shape
-    m = torch.cat([t_bg.flatten(), t_bg.new_full((1,), NEG_INF)])
+                       dense_col: Tensor) -> Tensor:
+    """``log2`` of the sum of ``2**t`` over every supplier at each of ``n`` columns: the
+    background entries ``t_bg [n]``, the packed object entries ``t_obj`` at columns ``col``
+    (``n`` is a dummy column for padding) and dense rows ``t_dense [Nd, A]`` at columns
+    ``dense_col [Nd, A]``. A scatter version of :func:`_logsumexp2_` (same clamp)."""
+    n = t_bg.numel()
+    m = torch.cat([t_bg, t_bg.new_full((1,), NEG_INF)])
     m.scatter_reduce_(0, col, t_obj, "amax")
-    m_2d = m[:B * A].view(B, A)
-    if dense_image.numel():
-        m_2d.scatter_reduce_(0, dense_image[:, None].expand_as(t_dense), t_dense, "amax")
+    if t_dense.numel():
+        m.scatter_reduce_(0, dense_col.flatten(), t_dense.flatten(), "amax")
     m[-1] = 0.0  # the dummy column: every other one holds a finite background entry
-    total = torch.sub(t_bg, m_2d).clamp_(min=EXP2_FLOOR).exp2_().flatten()
+    total = torch.sub(t_bg, m[:n]).clamp_(min=EXP2_FLOOR).exp2_()
     total = torch.cat([total, total.new_zeros(1)])
     total.index_add_(0, col, t_obj.sub(m.take(col)).clamp_(min=EXP2_FLOOR).exp2_())
-    total_2d = total[:B * A].view(B, A)
-    if dense_image.numel():
-        total_2d.index_add_(0, dense_image, t_dense.sub(m_2d[dense_image]).clamp_(min=EXP2_FLOOR).exp2_())
-    return total_2d.log2_().add_(m_2d)
+    if t_dense.numel():
+        flat = dense_col.flatten()
+        total.index_add_(0, flat, t_dense.flatten().sub(m.take(flat)).clamp_(min=EXP2_FLOOR).exp2_())
+    return total[:n].log2_().add_(m[:n])
+
+
+def _image_logsumexp2(values: Tensor, image: Tensor, rest: Tensor, rest_count: Tensor) -> Tensor:
+    """Per image, ``log2`` of ``sum 2**values`` over the entries of that image plus
+    ``rest_count * 2**rest``: ``values [n]`` of images ``image [n]``; ``rest, rest_count [B]``
+    (the background row over its untouched priors, all with the same potential)."""
+    m = torch.where(rest_count > 0, rest, NEG_INF)
+    m = m.scatter_reduce(0, image, values, "amax")
+    m.masked_fill_(m == NEG_INF, 0.0)
+    total = torch.sub(rest, m).clamp_(min=EXP2_FLOOR).exp2_().mul_(rest_count)
+    total.index_add_(0, image, values.sub(m.take(image)).clamp_(min=EXP2_FLOOR).exp2_())
+    return total.log2_().add_(m)
