@@ -44,13 +44,21 @@ a row underflows).
 
 Padding rows never supply and never win anything (``-inf`` rows, potentials held at ``-inf``).
 
-Computation: every prior takes part (as in the official code; no candidate restriction), the
-Sinkhorn runs on the whole ``[B, G + 1, A]`` kernel with a fixed number of iterations and no
-host sync, in base 2 (``exp2`` is 5-10x faster than ``exp`` on CPU; the plan is the same in
-any base). The pair costs are built a block of priors at a time like the other assigners,
-with closed forms of the focal terms (see :func:`focal_background`). On one CPU thread at
-B=8, G=20, A=8400, C=80 OTA took 105-170 ms against SimOTA's 77-110 ms (shared machine); the
-50 iterations are about two thirds of it.
+Computation: every prior takes part (as in the official code; no candidate restriction), with
+a fixed number of iterations, in base 2 (``exp2`` is 5-10x faster than ``exp`` on CPU; the
+plan is the same in any base). The background cost ``sum_c focal(p_c, 0)`` is a term of every
+supplier's cost at a prior, so the prior's potential absorbs it and it is never computed.
+Two layouts of the same computation (:func:`use_packed_rows` picks one from the shapes and
+the device):
+
+- dense: the whole ``[B, G + 1, A]`` kernel, pair costs built a block of priors at a time
+  like the other assigners, no host sync (everyday GPU batches);
+- packed: each object's row holds its penalty-free entries only (everything else in it is
+  ``-inf``), and the Sinkhorn runs over the priors some object reaches; one ``nonzero`` (a
+  host sync) sizes it (CPU, and huge scenes on any device).
+
+On one CPU thread (docs/benchmarks.md) the packed layout takes 32 ms at B=16, G=20, A=8400,
+C=80 (SimOTA 39 ms; the dense layout 243 ms) and 66 ms for B=2, G=500.
 
 Parameters (defaults; source):
     candidate_topk: 20 (official ``OTA.TOP_CANDIDATES``; the paper's q = 20).
