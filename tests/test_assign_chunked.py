@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from densedet.assign import build_assigner, common
+from densedet.assign import build_assigner, common, dw
 from densedet.assign.reference import run_per_image
 from densedet.priors import feature_sizes, make_priors
 
@@ -25,6 +25,13 @@ CASES = [
     ("tal", {}), ("tal", {"topk": 3, "beta": 2.5}),
 ]
 FIELDS = ("quality", "pos_weight", "neg_weight", "centerness", "align_target")
+
+
+@pytest.fixture(autouse=True)
+def dense_dw(monkeypatch):
+    """The chunks are the dense path's: DW's list of candidate pairs (CPU) has none; it is
+    checked against the dense path and the reference at the end of this file."""
+    monkeypatch.setattr(dw, "use_packed_pairs", lambda device: False)
 
 
 def make_scene(seed: int, B: int = 3, G: int = 40, C: int = 4, hw=(64, 96), lo: float = 6.0,
@@ -154,3 +161,24 @@ def test_batched_equals_reference_with_hundreds_of_objects(name, params, budget,
         torch.testing.assert_close(out.pos_weight, ref["pos_weight"], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(out.neg_weight, ref["neg_weight"], rtol=1e-5, atol=1e-6)
     assert out.gt_index[0][out.gt_index[0] >= 0].unique().numel() > 30  # conflicts happened
+
+
+@pytest.mark.parametrize("ensure", [False, True])
+def test_dw_candidate_pairs_equal_the_dense_path(ensure, monkeypatch):
+    """DW on its list of candidate pairs (CPU) against the dense, chunked path and the
+    reference, with hundreds of crowded objects."""
+    args, C = make_scene(11, B=2, G=300, C=3, hw=(64, 64), lo=4.0, hi=24.0)
+    dense = build_assigner("dw", C, ensure_each_gt=ensure)(*args)
+    monkeypatch.setattr(dw, "use_packed_pairs", lambda device: True)
+    packed = build_assigner("dw", C, ensure_each_gt=ensure)(*args)
+    ref = run_per_image("dw", *args, num_classes=C, ensure_each_gt=ensure)
+    # (with 300 objects on 84 priors the rescue of ensure_each_gt is compared between the
+    # two paths only: the batched rescue and the reference's differ in such an overload)
+    if not ensure:
+        assert torch.equal(packed.gt_index, ref["gt_index"])
+    assert torch.equal(packed.gt_index, dense.gt_index)
+    assert torch.equal(packed.candidate_mask, ref["candidate_mask"].bool())
+    assert torch.equal(packed.labels, dense.labels)
+    torch.testing.assert_close(packed.quality, dense.quality, rtol=0, atol=1e-6)
+    torch.testing.assert_close(packed.pos_weight, dense.pos_weight, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(packed.neg_weight, dense.neg_weight, rtol=1e-5, atol=1e-7)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from densedet.assign import build_assigner
+from densedet.assign import build_assigner, dw
 from densedet.assign.reference import run_per_image
 from densedet.priors import feature_sizes, make_priors
 
@@ -18,6 +18,13 @@ CASES = [
     ("tal", {"topk": 3, "alpha": 0.5, "beta": 2.0}),
     ("tal", {"topk": 1, "beta": 4.5}),
 ]
+
+
+@pytest.fixture(autouse=True, params=["dense", "packed"])
+def dw_path(request, monkeypatch):
+    """Every test runs DW on both paths: dense (GPU) and the list of candidate pairs (CPU)."""
+    monkeypatch.setattr(dw, "use_packed_pairs", lambda device: request.param == "packed")
+    return request.param
 
 
 def priors_for(hw, strides=(8, 16, 32)):

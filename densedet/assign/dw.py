@@ -64,6 +64,14 @@ def neg_iou_f(x: Tensor) -> Tensor:
     return x.square_().neg_().add_(1).div_(1 - NEG_IOU ** 2)
 
 
+def use_packed_pairs(device: torch.device) -> bool:
+    """Whether :class:`DWAssigner` works on the list of candidate pairs
+    (:meth:`DWAssigner._assign_packed`): on CPU, where the host sync that lists them costs
+    nothing and the pairs outside the candidates (98-99 % in everyday batches) are most of
+    the dense path's time. Elsewhere the dense path, without a host sync."""
+    return device.type == "cpu"
+
+
 class DWAssigner(Assigner):
     """Dual-weighting assigner; see the module docstring for the exact rule."""
 
@@ -96,6 +104,9 @@ class DWAssigner(Assigner):
                               candidate_mask=torch.zeros((B, 0, A), dtype=torch.bool, device=dev))
         # padding rows contain nothing; with stal small boxes are widened (inside tests only)
         boxes = common.mask_padding_boxes(self.candidate_boxes(gt_boxes, gt_valid), gt_valid)
+        if use_packed_pairs(dev):
+            return self._assign_packed(priors, pred_scores, pred_boxes, gt_boxes, gt_labels,
+                                       gt_valid, boxes, neg_weight)
         log_prior_scale = -1.0 / (2 * self.sigma * self.sigma)
         labels = gt_labels.clamp(0, C - 1)
         candidates = torch.empty((B, G, A), dtype=torch.bool, device=dev)  # returned
@@ -188,3 +199,74 @@ class DWAssigner(Assigner):
         return Assignment(gt_index=gt_index, labels=labels_out,
                           quality=torch.where(pos, quality, 0.0), pos_weight=pos_weight,
                           neg_weight=neg_weight, candidate_mask=candidates)
+
+    def _assign_packed(self, priors: Tensor, pred_scores: Tensor, pred_boxes: Tensor,
+                       gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor, boxes: Tensor,
+                       neg_weight: Tensor) -> Assignment:
+        """The same rule on the candidate pairs only (CPU).
+
+        Every per-pair quantity matters at candidates only: outside, ``t`` and the positive
+        weight are 0, ``P_neg`` is 1 (no change to ``score**2``) and the pair never wins. So
+        after the candidate mask (the returned one), the pairs inside it are listed
+        (``common.mask_pairs``, a host sync) and everything else is computed on that list,
+        typically 1-2 % of the ``B * G * A`` pairs; per-object sums and ranges are segment
+        reductions, per-prior winners scatters. The sums run in another order than the
+        dense path's, so weights agree to rounding; ties go to the lowest object index as there.
+        """
+        B, A, C = pred_scores.shape
+        G = gt_boxes.shape[1]
+        dev, dtype = pred_scores.device, pred_scores.dtype
+        R = B * G
+        labels = gt_labels.clamp(0, C - 1)
+
+        def inside(blk: slice) -> tuple[Tensor]:
+            return (common.box_margin(priors[blk, :2], boxes) > 0,)
+
+        candidates, = common.fill_by_prior_blocks(
+            inside, (torch.empty((B, G, A), dtype=torch.bool, device=dev),), rows=R)
+        rows, pa = common.mask_pairs(candidates)
+        pb, pi = rows.div(G, rounding_mode="floor"), rows.remainder(G)
+        pair_labels = labels[pb, pi]
+        scores = pred_scores[pb, pa, pair_labels]  # [P]
+        gt = gt_boxes[pb, pi]  # [P, 4]
+        iou, giou = box_iou(gt, pred_boxes[pb, pa], mode="iou_giou", aligned=True)
+        t = giou.sub_(1).mul_(5).exp_().mul_(scores)
+        centre = (gt[:, :2] + gt[:, 2:]) / 2
+        pri = priors[pa]
+        dx = (pri[:, 0] - centre[:, 0]).div_(pri[:, 2])
+        dy = (pri[:, 1] - centre[:, 1]).div_(pri[:, 3])
+        log_prior = dx.mul_(dx).add_(dy.mul_(dy)).mul_(-1.0 / (2 * self.sigma * self.sigma))
+        log_prior.clamp_(min=LOG_PRIOR_MIN)
+        den_terms = t.mul(3).add_(log_prior).exp_().mul_(t)
+        weight = log_prior.add_(t.mul(5)).exp_().mul_(t)
+        den = pred_scores.new_zeros(R).index_add_(0, rows, den_terms).clamp_(min=SUM_EPS)
+        weight.div_(den[rows])
+        # P_neg min-max over each object's candidates (see the dense path for the algebra)
+        iou_hi = pred_scores.new_zeros(R).scatter_reduce_(0, rows, iou, "amax")
+        iou_lo = pred_scores.new_full((R,), 2.0).scatter_reduce_(0, rows, iou, "amin")
+        f_min = neg_iou_f(iou_hi)
+        f_hi = neg_iou_f(iou_lo).clamp_(max=1.0)
+        span = f_hi - f_min
+        ok = span > 0
+        span = torch.where(ok, span, torch.ones_like(span))
+        f_min = torch.where(ok, f_min, -common.INF)
+        neg = neg_iou_f(iou.clone()).sub_(f_min[rows]).div_(span[rows]).clamp_(max=1.0)
+        neg.mul_(scores).mul_(scores)
+        neg_weight = neg_weight.contiguous()  # (scores of a head's permuted view are not)
+        neg_weight.view(-1).scatter_reduce_(0, (pb * A + pa) * C + pair_labels, neg, "amin")
+        pos_weight = pred_scores.new_zeros((B, G, A))
+        pos_weight.view(-1)[rows * A + pa] = weight
+        # each prior's candidate object of largest weight, ties to the lowest index
+        prior_id = pb * A + pa
+        top = pred_scores.new_full((B * A,), -1.0).scatter_reduce_(0, prior_id, weight, "amax")
+        tie = weight == top[prior_id]
+        winner = torch.full((B * A,), G, dtype=torch.long, device=dev)
+        winner.scatter_reduce_(0, prior_id[tie], pi[tie], "amin")
+        gt_index = torch.where(winner == G, -1, winner).view(B, A)
+        if self.ensure_each_gt:
+            gt_index = common.rescue_matched(gt_index, *common.matched_summary(candidates, pos_weight.neg()))
+        quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
+        pos = gt_index >= 0
+        labels_out = torch.where(pos, gt_labels.gather(1, gt_index.clamp(min=0)), -1)
+        return Assignment(gt_index=gt_index, labels=labels_out, quality=quality,
+                          pos_weight=pos_weight, neg_weight=neg_weight, candidate_mask=candidates)

@@ -327,20 +327,11 @@ class OTAAssigner(Assigner):
 
         region, = common.fill_by_prior_blocks(
             geometry, (torch.empty((B, G, A), dtype=torch.bool, device=device),), rows=B * G)
-        # (row, prior) of every penalty-free pair, rows in order and priors ascending; a slice
-        # of rows at a time (nonzero, like a sum of bools, makes an int64 per element)
-        step = max(1, common.IOU_CHUNK_ELEMENTS // max(A, 1))
-        flat = region.view(B * G, A)
-        row_parts, prior_parts = [], []
-        for start in range(0, B * G, step):
-            r, a = flat[start:start + step].nonzero(as_tuple=True)
-            row_parts.append(r + start)
-            prior_parts.append(a)
-        rows, pa = torch.cat(row_parts), torch.cat(prior_parts)
+        rows, pa = common.mask_pairs(region)  # every penalty-free pair; the host sync
         pb, pi = rows.div(G, rounding_mode="floor"), rows.remainder(G)
         counts = torch.bincount(rows, minlength=B * G)  # [B * G]
         has_region = (counts > 0).view(B, G)
-        width = max(int(counts.max()), 1)  # the host sync
+        width = max(int(counts.max()), 1) if counts.numel() else 1
         slot = torch.arange(rows.numel(), device=device) - (counts.cumsum(0) - counts)[rows]
 
         def pair_log_kernel(p: Tensor, iou: Tensor) -> Tensor:
