@@ -215,7 +215,7 @@ class DWAssigner(Assigner):
         """
         B, A, C = pred_scores.shape
         G = gt_boxes.shape[1]
-        dev, dtype = pred_scores.device, pred_scores.dtype
+        dev = pred_scores.device
         R = B * G
         labels = gt_labels.clamp(0, C - 1)
 

@@ -35,11 +35,6 @@ IN_BOX_MARGIN = 0.01
 OUTSIDE_PENALTY = 1e3
 
 
-def focal_background(p: Tensor) -> Tensor:
-    """``sum_c focal(p_c, 0)`` over the last axis, ``[..., C]`` -> ``[...]``."""
-    return common.focal_cost(p, 0.0).sum(dim=-1)
-
-
 class LLAAssigner(Assigner):
     name = "lla"
 
@@ -60,7 +55,7 @@ class LLAAssigner(Assigner):
         G = gt_boxes.shape[1]
         # padding rows contain nothing; with stal small boxes are widened (inside tests only)
         boxes = common.mask_padding_boxes(self.candidate_boxes(gt_boxes, gt_valid), gt_valid)
-        bg = common.per_prior_class_sum(pred_scores, focal_background)  # [B, A]
+        bg = common.per_prior_class_sum(pred_scores, common.focal_background)  # [B, A]
         # the penalty per pair outside the box; inf on padding rows, which keeps them from
         # choosing or winning anything
         penalty = common.row_inf(gt_valid, OUTSIDE_PENALTY)  # [B, G, 1]
@@ -71,7 +66,8 @@ class LLAAssigner(Assigner):
             in_box = margin > IN_BOX_MARGIN
             ious = common.pairwise_iou(pred_boxes[:, blk], gt_boxes[:, part])  # [B, g, a]
             cost = common.split_class_cost(pred_scores[:, blk], gt_labels[:, part], 1.0,
-                                           common.focal_cost, bg=bg[:, blk])
+                                           common.focal_cost, common.focal_onehot_correction,
+                                           bg=bg[:, blk])
             cost.sub_(ious.add_(1e-7).log_(), alpha=self.reg_weight)
             # + penalty * [not inside by the margin], as a float 0/1 mask (fast on CPU)
             cost.add_(margin.le_(IN_BOX_MARGIN).mul_(penalty[:, part]))

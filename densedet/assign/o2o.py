@@ -134,16 +134,16 @@ def pair_metric(base: Assigner, out: Assignment, priors: Tensor, scores: Tensor,
         return -cost
     margin = torch.minimum(pts.double() - cbox[..., :2], cbox[..., 2:] - pts.double()).amin(-1)
     if name == "lla":
-        from densedet.assign.lla import IN_BOX_MARGIN, OUTSIDE_PENALTY, focal_background
-        cls = background(focal_background) + common.focal_cost(s, 1.0) - common.focal_cost(s, 0.0)
+        from densedet.assign.lla import IN_BOX_MARGIN, OUTSIDE_PENALTY
+        cls = (background(common.focal_background)
+               + common.focal_cost(s, 1.0) - common.focal_cost(s, 0.0))
         cost = cls - base.reg_weight * torch.log(iou + 1e-7)
         return -(cost + OUTSIDE_PENALTY * (margin <= IN_BOX_MARGIN).double())
     if name == "ota":
-        from densedet.assign.ota import (IN_BOX_MARGIN, IOU_EPS, focal_background,
-                                         focal_onehot_correction)
+        from densedet.assign.ota import IN_BOX_MARGIN, IOU_EPS
         a, g = base.focal_alpha, base.focal_gamma
-        cls = (background(lambda p: focal_background(p, a, g))
-               + focal_onehot_correction(s, 1.0, a, g))
+        cls = (background(lambda p: common.focal_background(p, a, g))
+               + common.focal_onehot_correction(s, 1.0, a, g))
         cost = cls - base.reg_weight * torch.log(iou.clamp(min=IOU_EPS))
         centre = (box[..., :2] + box[..., 2:]) / 2
         radius = (base.center_radius * priors[:, 2]).double()[:, None]

@@ -156,27 +156,6 @@ def sinkhorn_prior_potentials(log_kernel: Tensor, log_mu: Tensor, row_valid: Ten
     return g
 
 
-# Sigmoid focal loss on probabilities, logs clamped at -100 like ``common.focal_cost``, in the
-# two closed forms the one-hot class cost needs. ``log(1 - p)`` rather than ``log1p(-p)``:
-# ``log1p`` is not vectorised on CPU here (about 15x slower than ``log``, the largest cost
-# of the whole assigner over ``[B, A, C]``); the absolute error of ``log(1 - p)`` is below
-# 6e-8, and every use multiplies it by ``p**gamma``.
-def focal_background(p: Tensor, alpha: float, gamma: float) -> Tensor:
-    """``sum_c focal(p_c, 0) = sum_c -(1 - alpha) p_c^gamma log(1 - p_c)``, last axis."""
-    t = torch.rsub(p, 1.0).log_().clamp_(min=-100.0).mul_(p.pow(gamma))
-    return t.sum(dim=-1).mul_(-(1.0 - alpha))
-
-
-def focal_onehot_correction(p: Tensor, y: Tensor | float, alpha: float, gamma: float) -> Tensor:
-    """``focal(p, 1) - focal(p, 0) = -alpha (1-p)^gamma log p + (1-alpha) p^gamma log(1-p)``."""
-    if not (isinstance(y, (int, float)) and float(y) == 1.0):
-        raise ValueError("focal_onehot_correction is the one-hot (target 1) case only")
-    q = torch.rsub(p, 1.0)
-    out = p.log().clamp_(min=-100.0).mul_(q.pow(gamma)).mul_(-alpha)
-    neg = q.log_().clamp_(min=-100.0).mul_(p.pow(gamma))
-    return out.add_(neg, alpha=1.0 - alpha)
-
-
 def use_packed_rows(device: torch.device, B: int, G: int, A: int) -> bool:
     """Whether :class:`OTAAssigner` packs its object rows (:meth:`OTAAssigner._assign_packed`):
     always on CPU, where the Sinkhorn over a few thousand packed entries is 3-10x faster than
@@ -221,7 +200,7 @@ class OTAAssigner(Assigner):
         eps = self.sinkhorn_eps
         alpha, gamma = self.focal_alpha, self.focal_gamma
         focal = functools.partial(common.focal_cost, alpha=alpha, gamma=gamma)
-        correction = functools.partial(focal_onehot_correction, alpha=alpha, gamma=gamma)
+        correction = functools.partial(common.focal_onehot_correction, alpha=alpha, gamma=gamma)
         # padding rows contain nothing; with stal small boxes are widened (inside tests only)
         boxes = common.mask_padding_boxes(self.candidate_boxes(gt_boxes, gt_valid), gt_valid)
         radii = self.center_radius * priors[:, 2]
@@ -317,7 +296,7 @@ class OTAAssigner(Assigner):
         G = gt_boxes.shape[1]
         device, dtype = pred_scores.device, pred_scores.dtype
         scale = -LOG2_E / self.sinkhorn_eps
-        correction = functools.partial(focal_onehot_correction, alpha=self.focal_alpha,
+        correction = functools.partial(common.focal_onehot_correction, alpha=self.focal_alpha,
                                        gamma=self.focal_gamma)
 
         def geometry(blk: slice) -> tuple[Tensor]:
