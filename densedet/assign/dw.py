@@ -34,6 +34,10 @@ Hard assignment for the contract fields: a prior inside at least one valid box i
 the candidate object with the largest ``pos_weight`` (ties → lowest object index), even when
 that weight is 0; ``labels``/``quality`` follow (quality = IoU of prediction and object).
 Objects without candidates get no weight and no prior.
+
+Computation: on a GPU, every pair a block of priors at a time, a chunk of objects at a time
+(huge scenes), with no host sync; on CPU the same rule on the list of candidate pairs only
+(:meth:`DWAssigner._assign_packed`, usually 1-2 % of the pairs).
 """
 from __future__ import annotations
 
