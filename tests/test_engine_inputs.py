@@ -125,6 +125,21 @@ def test_weights_of_another_size_are_refused(tmp_path):
     assert any("loading anyway (train.init_weights_partial=true)" in line for line in lines)
 
 
+def test_another_depth_of_the_same_backbone_is_refused():
+    # ResNet-50 FCOS into ResNet-18 FCOS: the convs differ, but many BatchNorm tensors keep
+    # their names and shapes, so a count of tensors would let it through
+    from densedet.models import build_model
+
+    r18 = build_model("fcos", num_classes=3, size="r18")
+    r50 = build_model("fcos", num_classes=3, size="r50")
+    own, other = r18.state_dict(), r50.state_dict()
+    feats = [k for k in own if k.startswith(("backbone.", "neck."))]
+    fits = [k for k in feats if k in other and other[k].shape == own[k].shape]
+    assert len(fits) * 2 >= len(feats)  # what the tensor count saw
+    with pytest.raises(DensedetError, match=r"% of their weights"):
+        load_matching(r18, other, log=lambda s: None, source="fcos_r50.pt")
+
+
 def test_init_weights_of_another_size_refused_by_train(tiny_data, tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save({"model": _yolox("tiny", 10).state_dict()}, path)

@@ -183,7 +183,8 @@ def load_matching(model: nn.Module, state: dict, log: Callable[[str], None] = pr
         state: name -> tensor.
         log: receives the report lines.
         source: the weights file, named in the messages.
-        allow_partial: load even when fewer than half of the backbone and neck tensors fit
+        allow_partial: load even when less than half of the backbone and neck weights (in
+            numbers of values) fit, or more than a tenth have another shape in the file
             (``train.init_weights_partial``); otherwise that is an error, since such a file is
             almost surely another architecture or size and training would start from scratch
             while looking fine-tuned.
@@ -223,11 +224,21 @@ def load_matching(model: nn.Module, state: dict, log: Callable[[str], None] = pr
     if not keep:
         raise DensedetError(f"{what}: no tensor of the file matches the model (wrong model "
                             f"family?); pass weights of the configured model.name/model.size")
+    # Measured in weights, not tensors, and shape mismatches count against: another depth of
+    # the same family (ResNet-50 into ResNet-18) keeps half the names and shapes (BatchNorms,
+    # the 3x3 convs) while a fine-tuning file differs in the head only, and a backbone-only
+    # file (ImageNet) lacks the neck rather than mismatching it.
     features = [k for k in own if k.startswith(FEATURE_PREFIXES)]
     loaded = sum(k in keep for k in features)
-    if features and loaded * 2 < len(features):
-        msg = (f"only {loaded} of the model's {len(features)} backbone/neck tensors match by name "
-               f"and shape: the file is probably another architecture or model size")
+    volume = max(sum(own[k].numel() for k in features), 1)
+    loaded_volume = sum(own[k].numel() for k in features if k in keep)
+    clashing = set(mismatched)
+    clash_volume = sum(own[k].numel() for k in features if k in clashing)
+    if features and (loaded_volume * 2 < volume or clash_volume * 10 > volume):
+        msg = (f"only {loaded} of the model's {len(features)} backbone/neck tensors "
+               f"({100 * loaded_volume / volume:.0f} % of their weights) match by name and shape, "
+               f"{100 * clash_volume / volume:.0f} % have another shape in the file: it is "
+               f"probably another architecture or model size")
         if not allow_partial:
             raise DensedetError(f"{what}: {msg}. Pass weights of the configured model.name/"
                                 f"model.size, or set train.init_weights_partial=true to load "
