@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from densedet.assign import build_assigner
+from densedet.assign import build_assigner, common
 from densedet.config import load_config
 from densedet.data.dataset import DetectionDataset
 from densedet.data.loader import collate
@@ -76,23 +76,16 @@ def assignment_stats(weights: Path, assigner_name: str, assigner_params: dict,
         scores, boxes = model.head.assigner_inputs(view, raw["priors"])
         inputs = (raw["priors"], scores, boxes, targets["gt_boxes"], targets["gt_labels"], targets["gt_valid"])
         valid = targets["gt_valid"]
-        counts = _positives_per_object(assigner(*inputs).gt_index, valid.shape[1])
+        counts = common.owned_counts(assigner(*inputs).gt_index, valid.shape[1])
         total_pos += int(counts[valid].sum())
         total_obj += int(valid.sum())
         total_empty += int(((counts == 0) & valid).sum())
         if widened is not None:
-            total_empty_stal += int(((_positives_per_object(widened(*inputs).gt_index, valid.shape[1]) == 0)
-                                     & valid).sum())
+            owned = common.owned_counts(widened(*inputs).gt_index, valid.shape[1])
+            total_empty_stal += int(((owned == 0) & valid).sum())
     return {"pos_per_object": total_pos / max(total_obj, 1),
             "objects_without_pos": total_empty / max(total_obj, 1),
             "objects_without_pos_stal": total_empty_stal / max(total_obj, 1) if widened is not None else None}
-
-
-def _positives_per_object(gt_index: torch.Tensor, num_objects: int) -> torch.Tensor:
-    """``[B, A]`` owner per prior (−1: background) → ``[B, G]`` positives per object."""
-    counts = torch.zeros(gt_index.shape[0], num_objects + 1, dtype=torch.long, device=gt_index.device)
-    counts.scatter_add_(1, (gt_index + 1).clamp(min=0), torch.ones_like(gt_index))
-    return counts[:, 1:]
 
 
 def run_one(config: str, overrides: Sequence[str], assigner: str, seed: int, epochs: Optional[int],

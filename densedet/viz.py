@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from densedet.assign import Assignment, build_assigner
+from densedet.assign import Assignment, build_assigner, common
 from densedet.boxes import box_iou, box_to_distance
 from densedet.config import load_config
 from densedet.data.dataset import DetectionDataset
@@ -90,10 +90,8 @@ def run_assigners(names: Sequence[str], num_classes: int, priors: Tensor, scores
 
 def objects_without_positive(assignment: Assignment, gt_valid: Tensor) -> int:
     """How many valid objects of the batch own no prior."""
-    B, G = gt_valid.shape
-    owned = torch.zeros((B, G + 1), dtype=torch.long)
-    owned.scatter_add_(1, assignment.gt_index.cpu() + 1, torch.ones_like(assignment.gt_index.cpu()))
-    return int((gt_valid.cpu() & (owned[:, 1:] == 0)).sum())
+    owned = common.owned_counts(assignment.gt_index, gt_valid.shape[1])
+    return int((gt_valid & (owned == 0)).sum())
 
 
 def stal_empty_table(names: Sequence[str], num_classes: int, priors: Tensor, scores: Tensor,

@@ -792,7 +792,7 @@ def rescue_lost(gt_index: Tensor, sel: Selection) -> Tensor:
     return rescue_matched(gt_index, sel.taken[..., 0], sel.index[..., 0], sel.cost[..., 0])
 
 
-def _owned_counts(gt_index: Tensor, G: int) -> Tensor:
+def owned_counts(gt_index: Tensor, G: int) -> Tensor:
     """``[B, G]`` how many priors each object owns: one scatter over ``[B, A]``, not a
     ``[B, A, G]`` one-hot (slot 0 collects background)."""
     owned = torch.zeros((gt_index.shape[0], G + 1), dtype=torch.long, device=gt_index.device)
@@ -837,7 +837,7 @@ def rescue_matched(gt_index: Tensor, any_matched: Tensor, best_prior: Tensor,
     G = any_matched.shape[1]
     if G == 0:
         return gt_index
-    lost = any_matched & (_owned_counts(gt_index, G) == 0)  # [B, G]
+    lost = any_matched & (owned_counts(gt_index, G) == 0)  # [B, G]
     return _rescue(gt_index, lost, best_prior, best_cost)
 
 

@@ -264,9 +264,7 @@ class OTAAssigner(Assigner):
         winner = x.max(dim=1).indices  # [B, A], first maximum: objects before background
         gt_index = torch.where(winner == G, -1, winner)
         if self.ensure_each_gt:
-            owned = torch.zeros((B, G + 1), dtype=torch.long, device=device)
-            owned.scatter_add_(1, gt_index + 1, torch.ones_like(gt_index))
-            lost = gt_valid & (owned[:, 1:] == 0)
+            lost = gt_valid & (common.owned_counts(gt_index, G) == 0)
             best_prior = best_prior[:, :G]
             # unpenalised cost at the favourite prior (finite for every valid object)
             best_cost = kernel[:, :G].gather(2, best_prior[..., None]).squeeze(2)
@@ -287,9 +285,9 @@ class OTAAssigner(Assigner):
         ``[Nd, A]``, and the background row ``[B, A]``. The Sinkhorn's column update is then
         a scatter (running maximum, then sum of ``2**(x - max)``) over those entries, its row
         update a reduction along each packed row: the same plan without the ``[B, G + 1, A]``
-        kernel (5 GB at G=5,000 and 1280 px). Packing reads the region's size and entries
-        (``nonzero``): one host sync per call, paid in huge scenes only. The float sums run in
-        another order than the dense path's, so potentials agree to rounding; both paths
+        kernel (5 GB at G=5,000 and 1280 px). Packing reads the pairs, the widest row and the
+        touched priors (``nonzero``, ``max``): a few host syncs per call, on CPU (where they
+        are free) and in huge scenes only. The float sums run in another order than the dense path's, so potentials agree to rounding; both paths
         are checked against the float64 reference.
         """
         B, A, _ = pred_scores.shape
@@ -374,9 +372,10 @@ class OTAAssigner(Assigner):
         position[t_idx] = torch.arange(nT, device=device)
         ccol = position.take(col)  # [R, W] compact column of each packed entry
         flat_ccol = ccol.flatten()
-        untouched = A - torch.bincount(t_img, minlength=B)  # [B]
+        per_image = torch.bincount(t_img, minlength=B)  # [B] touched priors
+        untouched = A - per_image
         # a dense row's image is wholly touched: its priors are one run of the compact axis
-        first = torch.cumsum(torch.bincount(t_img, minlength=B), 0) - torch.bincount(t_img, minlength=B)
+        first = torch.cumsum(per_image, 0) - per_image
         dpos = first[db][:, None] + torch.arange(A, device=device)  # [Nd, A]
         g_t = None
         for it in range(self.sinkhorn_iters):
@@ -421,9 +420,7 @@ class OTAAssigner(Assigner):
             winner_2d.scatter_reduce_(0, db[:, None].expand_as(d_obj), d_obj, "amin")
         gt_index = torch.where(winner_2d == G, -1, winner_2d)
         if self.ensure_each_gt:
-            owned = torch.zeros((B, G + 1), dtype=torch.long, device=device)
-            owned.scatter_add_(1, gt_index + 1, torch.ones_like(gt_index))
-            lost = gt_valid & (owned[:, 1:] == 0)
+            lost = gt_valid & (common.owned_counts(gt_index, G) == 0)
             best_prior = (col.gather(1, obj_arg[:, None]).squeeze(1) % A)
             best_log_k = k_obj.gather(1, obj_arg[:, None]).squeeze(1)
             if drow.numel():
