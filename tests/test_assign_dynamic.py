@@ -231,3 +231,94 @@ def test_float32_under_bf16_autocast_and_deterministic(name):
     assert torch.equal(auto.gt_index, plain.gt_index) and torch.equal(auto.quality, plain.quality)
     again = assigner(*scene)
     assert torch.equal(again.gt_index, plain.gt_index) and torch.equal(again.quality, plain.quality)
+
+
+# ------------------------------------------------------------ LLA on its near pairs (CPU)
+class PackedSpy:
+    """Counts how often LLA's near-pair path answered and how often it fell back."""
+
+    def __init__(self, monkeypatch):
+        from densedet.assign import lla
+        self.answered = self.fell_back = 0
+        original = lla.LLAAssigner._assign_packed
+
+        def spy(assigner, *args):
+            out = original(assigner, *args)
+            if out is None:
+                self.fell_back += 1
+            else:
+                self.answered += 1
+            return out
+
+        monkeypatch.setattr(lla.LLAAssigner, "_assign_packed", spy)
+
+
+def assert_same_assignment(a, b):
+    for field in ("gt_index", "labels", "quality", "candidate_mask"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+@pytest.mark.parametrize("ensure", [False, True])
+@pytest.mark.parametrize("params", METHODS["lla"])
+def test_lla_near_pairs_equal_every_pair(params, ensure, monkeypatch):
+    """The near-pair path (or its fallback) gives the dense path's assignment bit for bit, on
+    scenes where it answers and on scenes where some object needs pairs that are not near."""
+    from densedet.assign import lla
+    spy = PackedSpy(monkeypatch)
+    for seed in range(6):
+        for crowd in (False, True):
+            scene = make_scene(seed, crowd=crowd)
+            assigner = build_assigner("lla", num_classes=5, ensure_each_gt=ensure, **params)
+            packed = assigner(*scene)
+            with monkeypatch.context() as m:
+                m.setattr(lla, "use_packed_pairs", lambda device: False)
+                dense = assigner(*scene)
+            assert_same_assignment(packed, dense)
+    assert spy.answered >= 2 and spy.fell_back >= 2, (spy.answered, spy.fell_back)
+
+
+def test_lla_near_pairs_answer_in_a_realistic_batch(monkeypatch):
+    """A training-like batch (predicted boxes near their priors, objects of 8-300 px): every
+    object's topk lies among its near pairs, so the fast path answers, and it agrees with the
+    per-image reference."""
+    from densedet.bench.assign import random_scene
+    spy = PackedSpy(monkeypatch)
+    scene = random_scene(batch=4, max_objects=12, num_classes=20, image_size=320, seed=3)
+    check_against_reference("lla", {}, scene.args(), 20)
+    assert (spy.answered, spy.fell_back) == (1, 0)
+
+
+def test_lla_falls_back_for_an_object_no_prediction_touches(monkeypatch):
+    """A 2 px object between prior centres that no predicted box overlaps has no near pair at
+    all: its 10 priors must come from the pairs that are not near, so the near-pair path
+    declines and the dense path answers (checked against the reference)."""
+    spy = PackedSpy(monkeypatch)
+    priors = priors_for((64, 64))
+    A = priors.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([40.0, 40.0, 60.0, 60.0]).expand(1, A, 4).clone()  # all far away
+    gt = torch.tensor([[[9.0, 9.0, 11.0, 11.0], [38.0, 38.0, 62.0, 62.0]]])
+    labels = torch.tensor([[0, 1]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    scores = torch.rand(1, A, 3, generator=gen)
+    out = check_against_reference("lla", {}, (priors, scores, boxes, gt, labels, valid), 3)
+    assert (spy.answered, spy.fell_back) == (0, 1)
+    assert (out.gt_index == 0).sum() > 0  # the tiny object still gets priors
+
+
+def test_lla_bound_on_pairs_that_are_not_near():
+    """The bound the near-pair path relies on: a pair outside the box whose prediction misses
+    the object costs at least ``OUTSIDE_PENALTY + reg_weight * -log(1e-7)`` minus the slack,
+    even with saturated scores (0 and 1, the extremes of the focal terms)."""
+    from densedet.assign import lla
+    from densedet.assign.reference.lla import focal
+    C = 4
+    for p in (torch.zeros(C), torch.ones(C), torch.tensor([1.0, 0.0, 1.0, 0.0]),
+              torch.rand(C, generator=torch.Generator().manual_seed(1))):
+        for label in range(C):
+            onehot = torch.nn.functional.one_hot(torch.tensor(label), C).float()
+            class_cost = focal(p, onehot).sum()
+            for reg in (0.0, 1.5, 3.0):
+                cost = class_cost + reg * -torch.log(torch.tensor(0.0) + 1e-7) + 1e3
+                bound = lla.OUTSIDE_PENALTY + reg * -math.log(lla.IOU_EPS) - lla.BOUND_SLACK
+                assert cost >= bound
