@@ -82,6 +82,17 @@ def test_matches_reference_random_scenes(name, params, ensure):
 
 @pytest.mark.parametrize("ensure", [False, True])
 @pytest.mark.parametrize("name,params", CASES)
+def test_matches_reference_more_classes_than_objects(name, params, ensure):
+    """C >= G is where the CPU paths change (SimOTA/DSL compute the candidate union first,
+    LLA tries its near pairs, ``common.union_first`` / ``lla.use_packed_pairs``)."""
+    for seed in range(3):
+        out = check_against_reference(name, {**params, "ensure_each_gt": ensure},
+                                      make_scene(seed, G=6, C=8), C=8)
+        assert (out.gt_index >= 0).any()
+
+
+@pytest.mark.parametrize("ensure", [False, True])
+@pytest.mark.parametrize("name,params", CASES)
 def test_matches_reference_crowd(name, params, ensure):
     scene = make_scene(100, B=2, G=120, C=3, hw=(96, 96), crowd=True)
     out = check_against_reference(name, {**params, "ensure_each_gt": ensure}, scene, C=3)

@@ -93,8 +93,7 @@ class DSLAssigner(Assigner):
         padding_inf = common.row_inf(gt_valid)  # [B, G, 1]: 0, inf on padding rows
         chunks = common.object_chunks(B, G, A)
         union = None  # the image's candidates (inside any box), [B, A]
-        if len(chunks) > 1 or pred_scores.device.type == "cpu":
-            # needed by every chunk, and on CPU it spares the class sum elsewhere: first
+        if common.union_first(chunks, pred_scores.device, pred_scores.shape[-1], G):
             union = common.prior_any(
                 lambda part, blk: common.box_margin(priors[blk, :2], boxes[:, part]).amax(1) > 0,
                 chunks, B, A, pred_scores.device)

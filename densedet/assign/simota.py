@@ -89,8 +89,7 @@ class SimOTAAssigner(Assigner):
             return None if cand_boxes is None else cand_boxes[:, part]
 
         union = None  # the image's candidates (union of the objects' regions), [B, A]
-        if len(chunks) > 1 or pred_scores.device.type == "cpu":
-            # needed by every chunk, and on CPU it spares the class sum elsewhere: first
+        if common.union_first(chunks, pred_scores.device, pred_scores.shape[-1], G):
             union = common.prior_any(
                 lambda part, blk: self.geometry_gaps(priors[blk], gt_boxes[:, part],
                                                      gt_valid[:, part],
