@@ -16,8 +16,19 @@ Definition (per image):
 Outputs: ``quality`` is the IoU of the assigned prior's predicted box with its object (the
 soft target); ``candidate_mask [B, G, A]`` is "prior centre inside this object's box", whose
 union over an image's objects is the candidate set. ``ensure_each_gt`` as in SimOTA.
+
+Computation: on a GPU (and in huge scenes, a chunk of objects at a time) every pair, a block
+of priors at a time, without a host sync. On CPU, batches with at least as many classes as
+object slots (``common.use_near_pairs``) are first computed on each object's *near* pairs
+(:meth:`DSLAssigner._assign_packed`): candidate priors whose predicted box overlaps it. Every
+other candidate pair has IoU 0, so a soft target of 0 and a cost of at least
+``iou_weight * -log(1e-7)`` (the class terms and the centre prior are >= 0), and adds nothing
+to dynamic k; when each object's k-th cheapest near pair is under that, the near pairs decide
+exactly, else the dense path runs.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -27,6 +38,7 @@ from densedet.assign.base import Assigner, Assignment
 
 #: cap of the soft centre prior's exponent: 10**30 is finite in float32 (max ~3.4e38).
 MAX_CENTRE_EXPONENT = 30.0
+IOU_EPS = 1e-7
 
 
 def soft_label_cost(p: Tensor, y: Tensor | float) -> Tensor:
@@ -57,12 +69,20 @@ def soft_label_correction(p: Tensor, t: Tensor) -> Tensor:
     return out.add_(log_q.mul_(sq))  # f(p, t) + L0 p^2
 
 
-def soft_centre_prior(priors: Tensor, gt_boxes: Tensor, radius: float) -> Tensor:
-    """RTMDet's ``10 ** (distance / stride - radius)``, ``[B, G, A]``."""
-    centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, G, 2]
-    x, y, stride = common.contiguous_columns(priors[:, :3])  # [A] each
-    dist = (x - centre[..., 0, None]).square_()
-    dist += (y - centre[..., 1, None]).square_()
+def soft_centre_prior(priors: Tensor, gt_boxes: Tensor, radius: float,
+                      aligned: bool = False) -> Tensor:
+    """RTMDet's ``10 ** (distance / stride - radius)``, ``[B, G, A]`` for ``priors [A, 4]``
+    and ``gt_boxes [B, G, 4]``; ``aligned``: pair by pair, ``[P, 4]`` each -> ``[P]`` (the
+    same operations, so the same floats)."""
+    centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # [B, G, 2] or [P, 2]
+    if aligned:
+        x, y, stride = priors[:, 0], priors[:, 1], priors[:, 2]
+        cx, cy = centre[:, 0], centre[:, 1]
+    else:
+        x, y, stride = common.contiguous_columns(priors[:, :3])  # [A] each
+        cx, cy = centre[..., 0, None], centre[..., 1, None]
+    dist = (x - cx).square_()
+    dist += (y - cy).square_()
     exponent = dist.sqrt_().div_(stride).sub_(radius).clamp_(max=MAX_CENTRE_EXPONENT)
     return torch.pow(10.0, exponent)
 
@@ -92,6 +112,12 @@ class DSLAssigner(Assigner):
         boxes = common.mask_padding_boxes(self.candidate_boxes(gt_boxes, gt_valid), gt_valid)
         padding_inf = common.row_inf(gt_valid)  # [B, G, 1]: 0, inf on padding rows
         chunks = common.object_chunks(B, G, A)
+        if (common.use_near_pairs(pred_scores.device, pred_scores.shape[-1], G)
+                and self.iou_weight > 0 and len(chunks) == 1):
+            out = self._assign_packed(priors, pred_scores, pred_boxes, gt_boxes, gt_labels,
+                                      gt_valid, boxes)
+            if out is not None:
+                return out
         union = None  # the image's candidates (inside any box), [B, A]
         if common.union_first(chunks, pred_scores.device, pred_scores.shape[-1], G):
             union = common.prior_any(
@@ -108,7 +134,7 @@ class DSLAssigner(Assigner):
             bg_or_inf = bg[:, blk].masked_fill(~candidate, common.INF)
             cost = common.split_class_cost(pred_scores[:, blk], gt_labels[:, part], ious,
                                            soft_label_cost, soft_label_correction, bg=bg_or_inf)
-            cost.sub_(ious.add(1e-7).log_(), alpha=self.iou_weight)
+            cost.sub_(ious.add(IOU_EPS).log_(), alpha=self.iou_weight)
             if self.soft_center_prior:
                 cost += soft_centre_prior(priors[blk], gt_boxes[:, part], self.soft_center_radius)
             cost += padding_inf[:, part]
@@ -124,3 +150,55 @@ class DSLAssigner(Assigner):
         quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
         return common.build_assignment(gt_index, gt_labels, quality=quality,
                                        candidate_mask=in_box)
+
+    def _assign_packed(self, priors: Tensor, pred_scores: Tensor, pred_boxes: Tensor,
+                       gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
+                       boxes: Tensor) -> Assignment | None:
+        """The same rule computed on the near pairs only (CPU, one chunk of objects), or None
+        when they cannot vouch for every object's k cheapest (the caller then runs the dense
+        path; see the module docstring and ``common``'s "near pairs"). Costs are the dense
+        path's operations in its order on the listed pairs, every other pair ``inf``."""
+        B, A, C = pred_scores.shape
+        G = gt_boxes.shape[1]
+        dev, dtype = pred_scores.device, pred_scores.dtype
+        if not bool(torch.isfinite(pred_boxes).all()):
+            return None  # NaN boxes have no overlap test; the dense path defines the result
+        pred_xyxy = pred_boxes.permute(2, 0, 1).contiguous()  # [4, B, A]
+        gt_xyxy = common.mask_padding_boxes(gt_boxes, gt_valid).permute(2, 0, 1).contiguous()
+
+        def masks(blk: slice) -> tuple[Tensor, Tensor, Tensor]:
+            margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a], > 0 inside
+            union = margin.amax(dim=1) > 0  # [B, a], the image's candidates
+            near = common.overlap_side(pred_xyxy, gt_xyxy, blk) > 0
+            return margin > 0, near.logical_and_(union[:, None]), union
+
+        in_box, near, union = common.fill_by_prior_blocks(masks, (
+            torch.empty((B, G, A), dtype=torch.bool, device=dev),
+            self._workspace.get("near", (B, G, A), torch.bool, dev),
+            torch.empty((B, A), dtype=torch.bool, device=dev)), rows=B * G)
+        pairs = common.list_pairs(near)
+        bg = common.per_prior_class_sum(pred_scores, soft_label_background, where=union)
+        # the dense path's operations and order: class cost (+ bg), - w * log IoU, + centre
+        label = gt_labels.reshape(-1).clamp(0, C - 1).index_select(0, pairs.obj)
+        score = pred_scores[pairs.b, pairs.a, label]  # [P] (a head's view may not be contiguous)
+        iou = common.pair_iou(pred_xyxy, gt_xyxy, pairs)
+        cost = soft_label_correction(score, iou)
+        cost.add_(bg.view(-1).index_select(0, pairs.prior))
+        cost.sub_(iou.add(IOU_EPS).log_(), alpha=self.iou_weight)
+        if self.soft_center_prior:
+            cost += soft_centre_prior(priors.index_select(0, pairs.a),
+                                      gt_boxes.reshape(B * G, 4).index_select(0, pairs.obj),
+                                      self.soft_center_radius, aligned=True)
+        shape = (B, G, A)
+        cost = common.pairs_to_dense(cost, pairs, self._workspace.get("cost", shape, dtype, dev),
+                                     common.INF)
+        ious = common.pairs_to_dense(iou, pairs, self._workspace.get("ious", shape, dtype, dev), 0.0)
+        n = min(self.candidate_topk, A)
+        k = common.dynamic_k(ious, n)
+        sel = common.select_cheapest(cost, n, k)
+        bound = self.iou_weight * -math.log(IOU_EPS) - common.BOUND_SLACK
+        if not common.vouched(sel, k, bound, gt_valid):
+            return None
+        gt_index = common.resolve(sel, cost, gt_valid, self.ensure_each_gt)
+        quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
+        return common.build_assignment(gt_index, gt_labels, quality=quality, candidate_mask=in_box)

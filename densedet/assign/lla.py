@@ -26,7 +26,7 @@ Outputs: ``quality`` is the IoU of the assigned prior's predicted box with its o
 
 Computation: on a GPU (and in huge scenes, a chunk of objects at a time) every pair, a block
 of priors at a time, without a host sync. On CPU, batches with at least as many classes as
-object slots (:func:`use_packed_pairs`) are computed on each object's *near* pairs only
+object slots (``common.use_near_pairs``) are computed on each object's *near* pairs only
 (:meth:`LLAAssigner._assign_packed`): priors inside the box or whose predicted box overlaps
 the object, 2.4 % of the pairs in the benchmark's B16 G20 scene. Any other pair costs at
 least ``OUTSIDE_PENALTY + reg_weight * -log(1e-7)`` (the penalty, an IoU of 0, and a class
@@ -49,20 +49,6 @@ from densedet.assign.base import Assigner, Assignment
 IN_BOX_MARGIN = 0.01
 OUTSIDE_PENALTY = 1e3
 IOU_EPS = 1e-7
-#: room for float rounding below the smallest cost a pair that is not near can have (that
-#: bound's terms are ~1e3; the rounding of a class sum of up to C * 75 is far below this)
-BOUND_SLACK = 1.0
-
-
-def use_packed_pairs(device: torch.device, num_classes: int, G: int) -> bool:
-    """Whether :class:`LLAAssigner` first tries the near pairs only
-    (:meth:`LLAAssigner._assign_packed`): on CPU, where listing them (a host sync) costs
-    nothing, and when there are at least as many classes as object slots, where the dense
-    path computes the class cost pair by pair (two logs each) and that is most of its work.
-    With more objects than classes (crowds) the dense path's class cost is a per-class table
-    and its pairs are cheap, while the near pairs grow with the crowd: there it is faster
-    (B=2, G=500, C=80: 63 against 120 ms). Elsewhere the dense path, without a host sync."""
-    return device.type == "cpu" and num_classes >= G
 
 
 class LLAAssigner(Assigner):
@@ -85,7 +71,7 @@ class LLAAssigner(Assigner):
         G = gt_boxes.shape[1]
         # padding rows contain nothing; with stal small boxes are widened (inside tests only)
         boxes = common.mask_padding_boxes(self.candidate_boxes(gt_boxes, gt_valid), gt_valid)
-        if (use_packed_pairs(pred_scores.device, pred_scores.shape[-1], G) and self.reg_weight >= 0
+        if (common.use_near_pairs(pred_scores.device, pred_scores.shape[-1], G) and self.reg_weight >= 0
                 and len(common.object_chunks(B, G, A)) == 1):
             out = self._assign_packed(priors, pred_scores, pred_boxes, gt_boxes, gt_labels,
                                       gt_valid, boxes)
@@ -125,15 +111,11 @@ class LLAAssigner(Assigner):
                        boxes: Tensor) -> Assignment | None:
         """The same rule computed on the near pairs only (CPU, one chunk of objects), or None
         when they cannot vouch for every object's ``topk`` (the caller then runs the dense
-        path; see the module docstring for the bound).
+        path; see the module docstring for the bound and ``common``'s "near pairs").
 
         A pair is near when the prior is inside the (candidate) box by the margin or the
-        predicted box overlaps the object (``w > 0`` and ``h > 0``, which every IoU > 0
-        needs). Costs are the dense path's operations in its order on the listed pairs
-        (``common.mask_pairs``), every other pair ``inf``; the selection, the conflict rule
-        and the rescue then read only pairs whose cost is exact: a selected pair is under
-        the bound, and a prior taken twice is near to its takers, whose costs beat every
-        pair that is not near.
+        predicted box overlaps the object (which every IoU > 0 needs). Costs are the dense
+        path's operations in its order on the listed pairs, every other pair ``inf``.
         """
         B, A, C = pred_scores.shape
         G = gt_boxes.shape[1]
@@ -142,44 +124,35 @@ class LLAAssigner(Assigner):
             return None  # NaN boxes have no overlap test; the dense path defines the result
         pred_xyxy = pred_boxes.permute(2, 0, 1).contiguous()  # [4, B, A]
         gt_xyxy = common.mask_padding_boxes(gt_boxes, gt_valid).permute(2, 0, 1).contiguous()
-        px1, py1, px2, py2 = pred_xyxy[:, :, None]  # [B, 1, A] each
-        gx1, gy1, gx2, gy2 = gt_xyxy[..., None]  # [B, G, 1] each
 
-        def masks(blk: slice) -> tuple[Tensor, Tensor, Tensor]:
+        def masks(blk: slice) -> tuple[Tensor, Tensor]:
             margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a]
             in_box = margin > IN_BOX_MARGIN
-            w = torch.minimum(px2[..., blk], gx2).sub_(torch.maximum(px1[..., blk], gx1))
-            h = torch.minimum(py2[..., blk], gy2).sub_(torch.maximum(py1[..., blk], gy1))
-            # near: margin > 0.01 or (w > 0 and h > 0), as one comparison of floats
-            near = torch.maximum(margin.sub_(IN_BOX_MARGIN), torch.minimum(w, h)) > 0
-            return in_box, near, near.any(dim=1)
+            # near: margin > 0.01 or an overlap, as one comparison of floats
+            overlap = common.overlap_side(pred_xyxy, gt_xyxy, blk)
+            return in_box, torch.maximum(margin.sub_(IN_BOX_MARGIN), overlap) > 0
 
-        in_box, near, near_prior = common.fill_by_prior_blocks(masks, (
+        in_box, near = common.fill_by_prior_blocks(masks, (
             torch.empty((B, G, A), dtype=torch.bool, device=dev),
-            self._workspace.get("near", (B, G, A), torch.bool, dev),
-            torch.empty((B, A), dtype=torch.bool, device=dev)), rows=B * G)
-        rows, pa = common.mask_pairs(near)
-        # flat ids: pair (b, g, a) -> object b * G + g (rows), prior b * A + a, pair row * A + a
-        # (index_select on flat tensors: several times faster than 2-D advanced indexing)
-        pb = rows.div(G, rounding_mode="floor")
-        prior = pb * A + pa
-        pair = rows * A + pa
-        bg = common.per_prior_class_sum(pred_scores, common.focal_background, where=near_prior)
+            self._workspace.get("near", (B, G, A), torch.bool, dev)), rows=B * G)
+        pairs = common.list_pairs(near)
+        near_prior = torch.zeros(B * A, dtype=torch.bool, device=dev).index_fill_(0, pairs.prior, True)
+        bg = common.per_prior_class_sum(pred_scores, common.focal_background,
+                                        where=near_prior.view(B, A))
         # the dense path's operations and order: class cost (+ bg), - reg * log IoU, + penalty
-        label = gt_labels.reshape(-1).clamp(0, C - 1).index_select(0, rows)
-        score = pred_scores[pb, pa, label]  # [P] (works on a head's non-contiguous view)
-        cost = common.focal_onehot_correction(score, 1.0).add_(bg.view(-1).index_select(0, prior))
-        iou = common.aligned_box_iou(pred_xyxy.view(4, B * A).index_select(1, prior),
-                                     gt_xyxy.view(4, B * G).index_select(1, rows))
+        label = gt_labels.reshape(-1).clamp(0, C - 1).index_select(0, pairs.obj)
+        score = pred_scores[pairs.b, pairs.a, label]  # [P] (a head's view may not be contiguous)
+        cost = common.focal_onehot_correction(score, 1.0)
+        cost.add_(bg.view(-1).index_select(0, pairs.prior))
+        iou = common.pair_iou(pred_xyxy, gt_xyxy, pairs)
         cost.sub_(iou.add_(IOU_EPS).log_(), alpha=self.reg_weight)
-        outside = in_box.view(-1).index_select(0, pair).logical_not_().to(dtype)
+        outside = in_box.view(-1).index_select(0, pairs.pair).logical_not_().to(dtype)
         cost.add_(outside.mul_(OUTSIDE_PENALTY))
-        dense = self._workspace.get("cost", (B, G, A), dtype, dev)
-        dense.fill_(common.INF).view(-1).index_copy_(0, pair, cost)
+        dense = common.pairs_to_dense(cost, pairs, self._workspace.get("cost", (B, G, A), dtype, dev),
+                                      common.INF)
         sel = common.select_cheapest(dense, self.topk)
-        bound = OUTSIDE_PENALTY + self.reg_weight * -math.log(IOU_EPS) - BOUND_SLACK
-        vouched = (sel.cost[..., -1] < bound) | ~gt_valid  # NaN costs are not vouched for
-        if not bool(vouched.all()):
+        bound = OUTSIDE_PENALTY + self.reg_weight * -math.log(IOU_EPS) - common.BOUND_SLACK
+        if not common.vouched(sel, None, bound, gt_valid):
             return None
         gt_index = common.resolve(sel, dense, gt_valid, self.ensure_each_gt)
         quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)

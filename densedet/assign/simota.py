@@ -24,14 +24,28 @@ Outputs: ``quality`` is the IoU of the assigned prior's predicted box with its o
 with ``center_only``), whose union over an image's objects is the candidate set.
 ``ensure_each_gt=True``: an object that took priors but lost all of them to cheaper objects
 gets its cheapest one back (see ``common.rescue_lost``).
+
+Computation: on a GPU (and in huge scenes, a chunk of objects at a time) every pair, a block
+of priors at a time, without a host sync. On CPU, batches with at least as many classes as
+object slots (``common.use_near_pairs``) are first computed on each object's *near* pairs
+(:meth:`SimOTAAssigner._assign_packed`): its penalty-free region, or a candidate prior whose
+predicted box overlaps it. Every other candidate pair pays the penalty and has IoU 0, so it
+costs at least ``penalty + iou_weight * -log(1e-8)`` (BCE terms are >= 0) and adds nothing
+to dynamic k; when each object's k-th cheapest near pair is under that, the near pairs
+decide exactly, else the dense path runs.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from densedet.assign import common
 from densedet.assign.base import Assigner, Assignment
+
+
+IOU_EPS = 1e-8
 
 
 class SimOTAAssigner(Assigner):
@@ -47,6 +61,11 @@ class SimOTAAssigner(Assigner):
         self.center_only = bool(center_only)
         self.ensure_each_gt = bool(ensure_each_gt)
         self._workspace = common.Workspace()
+
+    @property
+    def penalty(self) -> float:
+        """The cost added outside "box AND square" (the square alone with ``center_only``)."""
+        return 1e6 if self.center_only else 1e5
 
     def geometry_gaps(self, priors: Tensor, gt_boxes: Tensor, gt_valid: Tensor,
                       candidate_boxes: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -80,10 +99,16 @@ class SimOTAAssigner(Assigner):
         G = gt_boxes.shape[1]
         # the penalty per pair outside "box AND square": 1e5, or inf on padding rows, which
         # keeps them from choosing or winning anything
-        penalty = torch.where(gt_valid, 1e6 if self.center_only else 1e5, common.INF)[..., None]
+        penalty = torch.where(gt_valid, self.penalty, common.INF)[..., None]
         chunks = common.object_chunks(B, G, A)
         # the inside-box tests' boxes (widened small boxes with stal), None when they are gt_boxes
         cand_boxes = self.candidate_boxes(gt_boxes, gt_valid) if self.stal else None
+        if (common.use_near_pairs(pred_scores.device, pred_scores.shape[-1], G)
+                and self.iou_weight >= 0 and len(chunks) == 1):
+            out = self._assign_packed(priors, pred_scores, pred_boxes, gt_boxes, gt_labels,
+                                      gt_valid, cand_boxes)
+            if out is not None:
+                return out
 
         def cand(part: slice) -> Tensor | None:
             return None if cand_boxes is None else cand_boxes[:, part]
@@ -110,7 +135,7 @@ class SimOTAAssigner(Assigner):
             cost = common.split_class_cost(pred_scores[:, blk], gt_labels[:, part], 1.0,
                                            common.bce_cost, common.bce_onehot_correction,
                                            bg=bg_or_inf)
-            cost.sub_(ious.add(1e-8).log_(), alpha=self.iou_weight)
+            cost.sub_(ious.add(IOU_EPS).log_(), alpha=self.iou_weight)
             # + penalty * [not (box AND square)], as a float 0/1 mask (fast on CPU)
             cost.add_(penalty_gap.ge_(0.0).mul_(penalty[:, part]))
             # only candidate IoUs count for dynamic k (and the quality of a positive is the IoU
@@ -127,3 +152,55 @@ class SimOTAAssigner(Assigner):
         quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
         return common.build_assignment(gt_index, gt_labels, quality=quality,
                                        candidate_mask=region)
+
+    def _assign_packed(self, priors: Tensor, pred_scores: Tensor, pred_boxes: Tensor,
+                       gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor,
+                       cand_boxes: Tensor | None) -> Assignment | None:
+        """The same rule computed on the near pairs only (CPU, one chunk of objects), or None
+        when they cannot vouch for every object's k cheapest (the caller then runs the dense
+        path; see the module docstring and ``common``'s "near pairs"). Costs are the dense
+        path's operations in its order on the listed pairs, every other pair ``inf``."""
+        B, A, C = pred_scores.shape
+        G = gt_boxes.shape[1]
+        dev, dtype = pred_scores.device, pred_scores.dtype
+        if not bool(torch.isfinite(pred_boxes).all()):
+            return None  # NaN boxes have no overlap test; the dense path defines the result
+        pred_xyxy = pred_boxes.permute(2, 0, 1).contiguous()  # [4, B, A]
+        gt_xyxy = common.mask_padding_boxes(gt_boxes, gt_valid).permute(2, 0, 1).contiguous()
+
+        def masks(blk: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            region_gap, penalty_gap = self.geometry_gaps(priors[blk], gt_boxes, gt_valid, cand_boxes)
+            union = region_gap.amin(dim=1) < 0  # [B, a], the image's candidates
+            # near: penalty-free (gap < 0) or an overlap, among the candidates
+            near = torch.maximum(penalty_gap.neg(), common.overlap_side(pred_xyxy, gt_xyxy, blk)) > 0
+            return region_gap < 0, penalty_gap < 0, near.logical_and_(union[:, None]), union
+
+        region, free, near, union = common.fill_by_prior_blocks(masks, (
+            torch.empty((B, G, A), dtype=torch.bool, device=dev),
+            self._workspace.get("free", (B, G, A), torch.bool, dev),
+            self._workspace.get("near", (B, G, A), torch.bool, dev),
+            torch.empty((B, A), dtype=torch.bool, device=dev)), rows=B * G)
+        pairs = common.list_pairs(near)
+        bg = common.per_prior_class_sum(pred_scores, common.bce_background, where=union)
+        # the dense path's operations and order: class cost (+ bg), - w * log IoU, + penalty
+        label = gt_labels.reshape(-1).clamp(0, C - 1).index_select(0, pairs.obj)
+        score = pred_scores[pairs.b, pairs.a, label]  # [P] (a head's view may not be contiguous)
+        cost = common.bce_onehot_correction(score, 1.0)
+        cost.add_(bg.view(-1).index_select(0, pairs.prior))
+        iou = common.pair_iou(pred_xyxy, gt_xyxy, pairs)
+        cost.sub_(iou.add(IOU_EPS).log_(), alpha=self.iou_weight)
+        penalised = free.view(-1).index_select(0, pairs.pair).logical_not_().to(dtype)
+        cost.add_(penalised.mul_(self.penalty))
+        shape = (B, G, A)
+        cost = common.pairs_to_dense(cost, pairs, self._workspace.get("cost", shape, dtype, dev),
+                                     common.INF)
+        ious = common.pairs_to_dense(iou, pairs, self._workspace.get("ious", shape, dtype, dev), 0.0)
+        n = min(self.candidate_topk, A)
+        k = common.dynamic_k(ious, n)
+        sel = common.select_cheapest(cost, n, k)
+        bound = self.penalty + self.iou_weight * -math.log(IOU_EPS) - common.BOUND_SLACK
+        if not common.vouched(sel, k, bound, gt_valid):
+            return None
+        gt_index = common.resolve(sel, cost, gt_valid, self.ensure_each_gt)
+        quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
+        return common.build_assignment(gt_index, gt_labels, quality=quality, candidate_mask=region)
