@@ -192,7 +192,8 @@ class DSLAssigner(Assigner):
         shape = (B, G, A)
         cost = common.pairs_to_dense(cost, pairs, self._workspace.get("cost", shape, dtype, dev),
                                      common.INF)
-        ious = common.pairs_to_dense(iou, pairs, self._workspace.get("ious", shape, dtype, dev), 0.0)
+        ious = common.pairs_to_dense(iou, pairs, self._workspace.get("ious", shape, dtype, dev),
+                                     0.0)
         n = min(self.candidate_topk, A)
         k = common.dynamic_k(ious, n)
         sel = common.select_cheapest(cost, n, k)
@@ -201,4 +202,5 @@ class DSLAssigner(Assigner):
             return None
         gt_index = common.resolve(sel, cost, gt_valid, self.ensure_each_gt)
         quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
-        return common.build_assignment(gt_index, gt_labels, quality=quality, candidate_mask=in_box)
+        return common.build_assignment(gt_index, gt_labels, quality=quality,
+                                       candidate_mask=in_box)

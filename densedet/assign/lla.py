@@ -71,8 +71,8 @@ class LLAAssigner(Assigner):
         G = gt_boxes.shape[1]
         # padding rows contain nothing; with stal small boxes are widened (inside tests only)
         boxes = common.mask_padding_boxes(self.candidate_boxes(gt_boxes, gt_valid), gt_valid)
-        if (common.use_near_pairs(pred_scores.device, pred_scores.shape[-1], G) and self.reg_weight >= 0
-                and len(common.object_chunks(B, G, A)) == 1):
+        if (common.use_near_pairs(pred_scores.device, pred_scores.shape[-1], G)
+                and self.reg_weight >= 0 and len(common.object_chunks(B, G, A)) == 1):
             out = self._assign_packed(priors, pred_scores, pred_boxes, gt_boxes, gt_labels,
                                       gt_valid, boxes)
             if out is not None:
@@ -136,7 +136,8 @@ class LLAAssigner(Assigner):
             torch.empty((B, G, A), dtype=torch.bool, device=dev),
             self._workspace.get("near", (B, G, A), torch.bool, dev)), rows=B * G)
         pairs = common.list_pairs(near)
-        near_prior = torch.zeros(B * A, dtype=torch.bool, device=dev).index_fill_(0, pairs.prior, True)
+        near_prior = torch.zeros(B * A, dtype=torch.bool, device=dev)
+        near_prior.index_fill_(0, pairs.prior, True)
         bg = common.per_prior_class_sum(pred_scores, common.focal_background,
                                         where=near_prior.view(B, A))
         # the dense path's operations and order: class cost (+ bg), - reg * log IoU, + penalty
@@ -148,8 +149,8 @@ class LLAAssigner(Assigner):
         cost.sub_(iou.add_(IOU_EPS).log_(), alpha=self.reg_weight)
         outside = in_box.view(-1).index_select(0, pairs.pair).logical_not_().to(dtype)
         cost.add_(outside.mul_(OUTSIDE_PENALTY))
-        dense = common.pairs_to_dense(cost, pairs, self._workspace.get("cost", (B, G, A), dtype, dev),
-                                      common.INF)
+        dense = self._workspace.get("cost", (B, G, A), dtype, dev)
+        common.pairs_to_dense(cost, pairs, dense, common.INF)
         sel = common.select_cheapest(dense, self.topk)
         bound = OUTSIDE_PENALTY + self.reg_weight * -math.log(IOU_EPS) - common.BOUND_SLACK
         if not common.vouched(sel, None, bound, gt_valid):

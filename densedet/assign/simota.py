@@ -169,10 +169,12 @@ class SimOTAAssigner(Assigner):
         gt_xyxy = common.mask_padding_boxes(gt_boxes, gt_valid).permute(2, 0, 1).contiguous()
 
         def masks(blk: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            region_gap, penalty_gap = self.geometry_gaps(priors[blk], gt_boxes, gt_valid, cand_boxes)
+            region_gap, penalty_gap = self.geometry_gaps(priors[blk], gt_boxes, gt_valid,
+                                                         cand_boxes)
             union = region_gap.amin(dim=1) < 0  # [B, a], the image's candidates
             # near: penalty-free (gap < 0) or an overlap, among the candidates
-            near = torch.maximum(penalty_gap.neg(), common.overlap_side(pred_xyxy, gt_xyxy, blk)) > 0
+            overlap = common.overlap_side(pred_xyxy, gt_xyxy, blk)
+            near = torch.maximum(penalty_gap.neg(), overlap) > 0
             return region_gap < 0, penalty_gap < 0, near.logical_and_(union[:, None]), union
 
         region, free, near, union = common.fill_by_prior_blocks(masks, (
@@ -194,7 +196,8 @@ class SimOTAAssigner(Assigner):
         shape = (B, G, A)
         cost = common.pairs_to_dense(cost, pairs, self._workspace.get("cost", shape, dtype, dev),
                                      common.INF)
-        ious = common.pairs_to_dense(iou, pairs, self._workspace.get("ious", shape, dtype, dev), 0.0)
+        ious = common.pairs_to_dense(iou, pairs, self._workspace.get("ious", shape, dtype, dev),
+                                     0.0)
         n = min(self.candidate_topk, A)
         k = common.dynamic_k(ious, n)
         sel = common.select_cheapest(cost, n, k)
@@ -203,4 +206,5 @@ class SimOTAAssigner(Assigner):
             return None
         gt_index = common.resolve(sel, cost, gt_valid, self.ensure_each_gt)
         quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
-        return common.build_assignment(gt_index, gt_labels, quality=quality, candidate_mask=region)
+        return common.build_assignment(gt_index, gt_labels, quality=quality,
+                                       candidate_mask=region)
