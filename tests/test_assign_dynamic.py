@@ -295,6 +295,16 @@ def test_near_pairs_equal_every_pair(name, params, ensure, monkeypatch):
         assert spy.fell_back >= 2, (spy.answered, spy.fell_back)
 
 
+def test_near_pairs_only_on_cpu_and_with_classes_for_every_slot():
+    """The near pairs' host sync (listing them) is free on a CPU only; with more object slots
+    than classes the dense paths are faster (docs/benchmarks.md)."""
+    from densedet.assign import common
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert common.use_near_pairs(cpu, 80, 20) and common.use_near_pairs(cpu, 20, 20)
+    assert not common.use_near_pairs(cpu, 80, 500)
+    assert not common.use_near_pairs(gpu, 80, 20) and not common.use_near_pairs(gpu, 80, 500)
+
+
 @pytest.mark.parametrize("name,params", CASES)
 def test_near_pairs_answer_in_a_realistic_batch(name, params, monkeypatch):
     """A training-like batch (predicted boxes near their priors, objects of 8-300 px, more

@@ -131,6 +131,12 @@ class SyncCounter:
     ("nanodet_plus_m", {"train.grad_clip": 10.0}),  # AdamW, gradient clipping (unscale_)
 ])
 def test_no_host_sync_between_log_steps(preset, extra, data12, tmp_path, monkeypatch):
+    from densedet.assign import common
+    # The assigners' CPU-only shortcuts list pairs with a host read (free on a CPU; never
+    # taken on CUDA, test_assign_dynamic checks that): off here, so that this CPU run walks
+    # the code a CUDA run takes.
+    assert not common.use_near_pairs(torch.device("cuda"), 80, 20)
+    monkeypatch.setattr(common, "use_near_pairs", lambda *args: False)
     counter = SyncCounter(monkeypatch)
     cfg = load_config(CONFIGS / f"{preset}.yaml", overrides(data12, tmp_path / "run", **extra))
     trainer = Trainer(cfg, log=lambda s: None)
