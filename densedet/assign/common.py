@@ -1016,11 +1016,57 @@ def pairs_to_dense(values: Tensor, pairs: PairList, out: Tensor, fill: float) ->
     return out
 
 
+def near_pair_coordinates(pred_boxes: Tensor, gt_boxes: Tensor,
+                          gt_valid: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``([4, B, A], [4, B, G])`` contiguous coordinates of the predicted boxes and of the
+    objects (padding rows masked by :func:`mask_padding_boxes`) for :func:`overlap_side` and
+    :func:`pair_iou`, or None when a predicted box is not finite (NaN has no overlap test;
+    the dense path defines the result then)."""
+    if not bool(torch.isfinite(pred_boxes).all()):
+        return None
+    return (pred_boxes.permute(2, 0, 1).contiguous(),
+            mask_padding_boxes(gt_boxes, gt_valid).permute(2, 0, 1).contiguous())
+
+
+def pair_scores(pred_scores: Tensor, gt_labels: Tensor, pairs: PairList) -> Tensor:
+    """``[P]`` each listed pair's score on its object's class (``pred_scores`` may be a head's
+    non-contiguous view)."""
+    C = pred_scores.shape[-1]
+    label = gt_labels.reshape(-1).clamp(0, C - 1).index_select(0, pairs.obj)
+    return pred_scores[pairs.b, pairs.a, label]
+
+
 def vouched(sel: Selection, k: Tensor | None, bound: float, gt_valid: Tensor) -> bool:
     """Whether every valid object's ``k``-th cheapest pair (the last it takes; ``k`` None: the
     selection's size) costs less than ``bound`` (a host sync). NaN is never under it."""
     last = sel.cost[..., -1] if k is None else sel.cost.gather(-1, k.long()[..., None] - 1)[..., 0]
     return bool(((last < bound) | ~gt_valid).all())
+
+
+def decide_near_pairs(cost: Tensor, pairs: PairList, bound: float, n: int,
+                      workspace: Workspace, shape: tuple[int, int, int], gt_valid: Tensor,
+                      rescue_lost_objects: bool, ious: Tensor | None = None) -> Tensor | None:
+    """The selection and conflict rule of a cost-based method from its near pairs' costs
+    (``[P]``; every other pair ``inf``), or None when :func:`vouched` fails.
+
+    Each object takes its ``n`` cheapest pairs, or with ``ious`` (``[P]``, 0 elsewhere)
+    SimOTA's dynamic ``k <= n`` of them (:func:`dynamic_k`); conflicts and the optional
+    rescue as :func:`resolve`.
+
+    Returns:
+        ``[B, A]`` int64 object index (-1 for background), or None.
+    """
+    dense = pairs_to_dense(cost, pairs, workspace.get("cost", shape, cost.dtype, cost.device), INF)
+    n = min(n, shape[-1])
+    k = None
+    if ious is not None:
+        ious = pairs_to_dense(ious, pairs, workspace.get("ious", shape, cost.dtype, cost.device),
+                              0.0)
+        k = dynamic_k(ious, n)
+    sel = select_cheapest(dense, n, k)
+    if not vouched(sel, k, bound, gt_valid):
+        return None
+    return resolve(sel, dense, gt_valid, rescue_lost_objects)
 
 
 def cost_chunks(pairs: Callable[[slice, slice], tuple[Tensor, ...]],

@@ -158,13 +158,13 @@ class DSLAssigner(Assigner):
         when they cannot vouch for every object's k cheapest (the caller then runs the dense
         path; see the module docstring and ``common``'s "near pairs"). Costs are the dense
         path's operations in its order on the listed pairs, every other pair ``inf``."""
-        B, A, C = pred_scores.shape
+        B, A, _ = pred_scores.shape
         G = gt_boxes.shape[1]
-        dev, dtype = pred_scores.device, pred_scores.dtype
-        if not bool(torch.isfinite(pred_boxes).all()):
-            return None  # NaN boxes have no overlap test; the dense path defines the result
-        pred_xyxy = pred_boxes.permute(2, 0, 1).contiguous()  # [4, B, A]
-        gt_xyxy = common.mask_padding_boxes(gt_boxes, gt_valid).permute(2, 0, 1).contiguous()
+        dev = pred_scores.device
+        coordinates = common.near_pair_coordinates(pred_boxes, gt_boxes, gt_valid)
+        if coordinates is None:
+            return None
+        pred_xyxy, gt_xyxy = coordinates
 
         def masks(blk: slice) -> tuple[Tensor, Tensor, Tensor]:
             margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a], > 0 inside
@@ -179,8 +179,7 @@ class DSLAssigner(Assigner):
         pairs = common.list_pairs(near)
         bg = common.per_prior_class_sum(pred_scores, soft_label_background, where=union)
         # the dense path's operations and order: class cost (+ bg), - w * log IoU, + centre
-        label = gt_labels.reshape(-1).clamp(0, C - 1).index_select(0, pairs.obj)
-        score = pred_scores[pairs.b, pairs.a, label]  # [P] (a head's view may not be contiguous)
+        score = common.pair_scores(pred_scores, gt_labels, pairs)
         iou = common.pair_iou(pred_xyxy, gt_xyxy, pairs)
         cost = soft_label_correction(score, iou)
         cost.add_(bg.view(-1).index_select(0, pairs.prior))
@@ -189,18 +188,12 @@ class DSLAssigner(Assigner):
             cost += soft_centre_prior(priors.index_select(0, pairs.a),
                                       gt_boxes.reshape(B * G, 4).index_select(0, pairs.obj),
                                       self.soft_center_radius, aligned=True)
-        shape = (B, G, A)
-        cost = common.pairs_to_dense(cost, pairs, self._workspace.get("cost", shape, dtype, dev),
-                                     common.INF)
-        ious = common.pairs_to_dense(iou, pairs, self._workspace.get("ious", shape, dtype, dev),
-                                     0.0)
-        n = min(self.candidate_topk, A)
-        k = common.dynamic_k(ious, n)
-        sel = common.select_cheapest(cost, n, k)
         bound = self.iou_weight * -math.log(IOU_EPS) - common.BOUND_SLACK
-        if not common.vouched(sel, k, bound, gt_valid):
+        gt_index = common.decide_near_pairs(cost, pairs, bound, self.candidate_topk,
+                                            self._workspace, (B, G, A), gt_valid,
+                                            self.ensure_each_gt, ious=iou)
+        if gt_index is None:
             return None
-        gt_index = common.resolve(sel, cost, gt_valid, self.ensure_each_gt)
         quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
         return common.build_assignment(gt_index, gt_labels, quality=quality,
                                        candidate_mask=in_box)

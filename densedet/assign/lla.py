@@ -117,13 +117,13 @@ class LLAAssigner(Assigner):
         predicted box overlaps the object (which every IoU > 0 needs). Costs are the dense
         path's operations in its order on the listed pairs, every other pair ``inf``.
         """
-        B, A, C = pred_scores.shape
+        B, A, _ = pred_scores.shape
         G = gt_boxes.shape[1]
         dev, dtype = pred_scores.device, pred_scores.dtype
-        if not bool(torch.isfinite(pred_boxes).all()):
-            return None  # NaN boxes have no overlap test; the dense path defines the result
-        pred_xyxy = pred_boxes.permute(2, 0, 1).contiguous()  # [4, B, A]
-        gt_xyxy = common.mask_padding_boxes(gt_boxes, gt_valid).permute(2, 0, 1).contiguous()
+        coordinates = common.near_pair_coordinates(pred_boxes, gt_boxes, gt_valid)
+        if coordinates is None:
+            return None
+        pred_xyxy, gt_xyxy = coordinates
 
         def masks(blk: slice) -> tuple[Tensor, Tensor]:
             margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a]
@@ -141,21 +141,18 @@ class LLAAssigner(Assigner):
         bg = common.per_prior_class_sum(pred_scores, common.focal_background,
                                         where=near_prior.view(B, A))
         # the dense path's operations and order: class cost (+ bg), - reg * log IoU, + penalty
-        label = gt_labels.reshape(-1).clamp(0, C - 1).index_select(0, pairs.obj)
-        score = pred_scores[pairs.b, pairs.a, label]  # [P] (a head's view may not be contiguous)
+        score = common.pair_scores(pred_scores, gt_labels, pairs)
         cost = common.focal_onehot_correction(score, 1.0)
         cost.add_(bg.view(-1).index_select(0, pairs.prior))
         iou = common.pair_iou(pred_xyxy, gt_xyxy, pairs)
         cost.sub_(iou.add_(IOU_EPS).log_(), alpha=self.reg_weight)
         outside = in_box.view(-1).index_select(0, pairs.pair).logical_not_().to(dtype)
         cost.add_(outside.mul_(OUTSIDE_PENALTY))
-        dense = self._workspace.get("cost", (B, G, A), dtype, dev)
-        common.pairs_to_dense(cost, pairs, dense, common.INF)
-        sel = common.select_cheapest(dense, self.topk)
         bound = OUTSIDE_PENALTY + self.reg_weight * -math.log(IOU_EPS) - common.BOUND_SLACK
-        if not common.vouched(sel, None, bound, gt_valid):
+        gt_index = common.decide_near_pairs(cost, pairs, bound, self.topk, self._workspace,
+                                            (B, G, A), gt_valid, self.ensure_each_gt)
+        if gt_index is None:
             return None
-        gt_index = common.resolve(sel, dense, gt_valid, self.ensure_each_gt)
         quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
         return common.build_assignment(gt_index, gt_labels, quality=quality,
                                        candidate_mask=in_box)

@@ -160,13 +160,13 @@ class SimOTAAssigner(Assigner):
         when they cannot vouch for every object's k cheapest (the caller then runs the dense
         path; see the module docstring and ``common``'s "near pairs"). Costs are the dense
         path's operations in its order on the listed pairs, every other pair ``inf``."""
-        B, A, C = pred_scores.shape
+        B, A, _ = pred_scores.shape
         G = gt_boxes.shape[1]
         dev, dtype = pred_scores.device, pred_scores.dtype
-        if not bool(torch.isfinite(pred_boxes).all()):
-            return None  # NaN boxes have no overlap test; the dense path defines the result
-        pred_xyxy = pred_boxes.permute(2, 0, 1).contiguous()  # [4, B, A]
-        gt_xyxy = common.mask_padding_boxes(gt_boxes, gt_valid).permute(2, 0, 1).contiguous()
+        coordinates = common.near_pair_coordinates(pred_boxes, gt_boxes, gt_valid)
+        if coordinates is None:
+            return None
+        pred_xyxy, gt_xyxy = coordinates
 
         def masks(blk: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             region_gap, penalty_gap = self.geometry_gaps(priors[blk], gt_boxes, gt_valid,
@@ -185,26 +185,19 @@ class SimOTAAssigner(Assigner):
         pairs = common.list_pairs(near)
         bg = common.per_prior_class_sum(pred_scores, common.bce_background, where=union)
         # the dense path's operations and order: class cost (+ bg), - w * log IoU, + penalty
-        label = gt_labels.reshape(-1).clamp(0, C - 1).index_select(0, pairs.obj)
-        score = pred_scores[pairs.b, pairs.a, label]  # [P] (a head's view may not be contiguous)
+        score = common.pair_scores(pred_scores, gt_labels, pairs)
         cost = common.bce_onehot_correction(score, 1.0)
         cost.add_(bg.view(-1).index_select(0, pairs.prior))
         iou = common.pair_iou(pred_xyxy, gt_xyxy, pairs)
         cost.sub_(iou.add(IOU_EPS).log_(), alpha=self.iou_weight)
         penalised = free.view(-1).index_select(0, pairs.pair).logical_not_().to(dtype)
         cost.add_(penalised.mul_(self.penalty))
-        shape = (B, G, A)
-        cost = common.pairs_to_dense(cost, pairs, self._workspace.get("cost", shape, dtype, dev),
-                                     common.INF)
-        ious = common.pairs_to_dense(iou, pairs, self._workspace.get("ious", shape, dtype, dev),
-                                     0.0)
-        n = min(self.candidate_topk, A)
-        k = common.dynamic_k(ious, n)
-        sel = common.select_cheapest(cost, n, k)
         bound = self.penalty + self.iou_weight * -math.log(IOU_EPS) - common.BOUND_SLACK
-        if not common.vouched(sel, k, bound, gt_valid):
+        gt_index = common.decide_near_pairs(cost, pairs, bound, self.candidate_topk,
+                                            self._workspace, (B, G, A), gt_valid,
+                                            self.ensure_each_gt, ious=iou)
+        if gt_index is None:
             return None
-        gt_index = common.resolve(sel, cost, gt_valid, self.ensure_each_gt)
         quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
         return common.build_assignment(gt_index, gt_labels, quality=quality,
                                        candidate_mask=region)
