@@ -282,8 +282,9 @@ def box_and_centre_gaps(points: Tensor, radii: Tensor, gt_boxes: Tensor,
 
     Inside the box is ``|d| < half-size`` and inside the square ``|d| < radius``, with
     ``d = point - centre`` per axis (12 passes over ``[B, G, A]`` instead of about 22 for
-    :func:`points_in_boxes` and :func:`points_in_centre_region`), exactly: ``d - half < 0`` iff ``d < half`` in IEEE arithmetic, and a maximum (minimum) of
-    gaps is negative iff all (any) of them are. So "box OR square" is
+    :func:`points_in_boxes` and :func:`points_in_centre_region`), exactly: ``d - half < 0``
+    iff ``d < half`` in IEEE arithmetic, and a maximum (minimum) of gaps is negative iff all
+    (any) of them are. So "box OR square" is
     ``minimum(box_gap, centre_gap) < 0`` and "box AND square" the ``maximum``: float passes
     instead of comparisons and logical ops on bool tensors, which are several times slower
     on CPU (see :func:`box_margin`).

@@ -287,8 +287,9 @@ class OTAAssigner(Assigner):
         update a reduction along each packed row: the same plan without the ``[B, G + 1, A]``
         kernel (5 GB at G=5,000 and 1280 px). Packing reads the pairs, the widest row and the
         touched priors (``nonzero``, ``max``): a few host syncs per call, on CPU (where they
-        are free) and in huge scenes only. The float sums run in another order than the dense path's, so potentials agree to rounding; both paths
-        are checked against the float64 reference.
+        are free) and in huge scenes only. The float sums run in another order than the dense
+        path's, so potentials agree to rounding; both paths are checked against the float64
+        reference.
         """
         B, A, _ = pred_scores.shape
         G = gt_boxes.shape[1]
@@ -352,7 +353,8 @@ class OTAAssigner(Assigner):
 
         log_nu = math.log2(1.0 + MARGINAL_EPS)
         row_valid = gt_valid.flatten()
-        f = torch.zeros(R, dtype=dtype, device=device).masked_fill_(~(gt_valid & has_region).flatten(), NEG_INF)
+        f = torch.zeros(R, dtype=dtype, device=device)
+        f.masked_fill_(~(gt_valid & has_region).flatten(), NEG_INF)
         f_bg = torch.zeros(B, dtype=dtype, device=device)
         flat_col = col.flatten()
         # Only the priors some object reaches ("touched": its penalty-free ones, and every
@@ -412,7 +414,8 @@ class OTAAssigner(Assigner):
         winner = torch.full((dummy + 1,), G, dtype=torch.long, device=device)
         obj_of_row = torch.arange(R, device=device).remainder_(G)
         ties = (x_obj == best.take(col)) & (col != dummy)
-        winner.scatter_reduce_(0, flat_col[ties.flatten()], obj_of_row[:, None].expand(R, width)[ties], "amin")
+        winner.scatter_reduce_(0, flat_col[ties.flatten()],
+                               obj_of_row[:, None].expand(R, width)[ties], "amin")
         winner_2d = winner[:dummy].view(B, A)
         if drow.numel():
             d_ties = x_dense == best_2d[db]
