@@ -280,14 +280,14 @@ def test_near_pairs_equal_every_pair(name, params, ensure, monkeypatch):
     scenes where it answers and on scenes where some object needs pairs that are not near."""
     from densedet.assign import common
     spy = PackedSpy(monkeypatch, name)
-    monkeypatch.setattr(common, "use_near_pairs", lambda *args: True)  # also with C < G
+    monkeypatch.setattr(common, "use_near_pairs", lambda *args, **kwargs: True)  # also with C < G
     for seed in range(6):
         for crowd in (False, True):
             scene = make_scene(seed, crowd=crowd)
             assigner = build_assigner(name, num_classes=5, ensure_each_gt=ensure, **params)
             packed = assigner(*scene)
             with monkeypatch.context() as m:
-                m.setattr(common, "use_near_pairs", lambda *args: False)
+                m.setattr(common, "use_near_pairs", lambda *args, **kwargs: False)
                 dense = assigner(*scene)
             assert_same_assignment(packed, dense)
     assert spy.answered >= 2, (spy.answered, spy.fell_back)
@@ -297,12 +297,15 @@ def test_near_pairs_equal_every_pair(name, params, ensure, monkeypatch):
 
 def test_near_pairs_only_on_cpu_and_with_classes_for_every_slot():
     """The near pairs' host sync (listing them) is free on a CPU only; with more object slots
-    than classes the dense paths are faster (docs/benchmarks.md)."""
+    than classes the one-hot methods' dense paths are faster (docs/benchmarks.md)."""
     from densedet.assign import common
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert common.use_near_pairs(cpu, 80, 20) and common.use_near_pairs(cpu, 20, 20)
     assert not common.use_near_pairs(cpu, 80, 500)
-    assert not common.use_near_pairs(gpu, 80, 20) and not common.use_near_pairs(gpu, 80, 500)
+    assert common.use_near_pairs(cpu, 80, 500, per_pair_class_cost=True)  # dsl's soft target
+    for G in (20, 500):
+        for per_pair in (False, True):
+            assert not common.use_near_pairs(gpu, 80, G, per_pair_class_cost=per_pair)
 
 
 @pytest.mark.parametrize("name,params", CASES)

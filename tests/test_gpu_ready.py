@@ -136,7 +136,7 @@ def test_no_host_sync_between_log_steps(preset, extra, data12, tmp_path, monkeyp
     # taken on CUDA, test_assign_dynamic checks that): off here, so that this CPU run walks
     # the code a CUDA run takes.
     assert not common.use_near_pairs(torch.device("cuda"), 80, 20)
-    monkeypatch.setattr(common, "use_near_pairs", lambda *args: False)
+    monkeypatch.setattr(common, "use_near_pairs", lambda *args, **kwargs: False)
     counter = SyncCounter(monkeypatch)
     cfg = load_config(CONFIGS / f"{preset}.yaml", overrides(data12, tmp_path / "run", **extra))
     trainer = Trainer(cfg, log=lambda s: None)

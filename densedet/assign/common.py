@@ -967,15 +967,18 @@ class PairList(NamedTuple):
     pair: Tensor  # obj * A + a, an entry of ``[B, G, A]``
 
 
-def use_near_pairs(device: torch.device, num_classes: int, G: int) -> bool:
+def use_near_pairs(device: torch.device, num_classes: int, G: int,
+                   per_pair_class_cost: bool = False) -> bool:
     """Whether lla, simota and dsl first try their near pairs: on CPU, where listing them (a
-    host sync) costs nothing, and when there are at least as many classes as object slots,
-    where the dense path computes the class cost pair by pair (logs) and that is most of
-    its work. With more objects than classes (crowds) the dense class cost is a per-class
-    table, its pairs are cheap, and the near pairs grow with the crowd: the dense path is
-    faster there (lla at B=2, G=500, C=80: 63 against 120 ms). Elsewhere the dense path,
-    without a host sync."""
-    return device.type == "cpu" and num_classes >= G
+    host sync) costs nothing, and where the dense path computes the class cost pair by pair
+    (logs), which is most of its work. For the one-hot costs (lla, simota) that is when there
+    are at least as many classes as object slots: with more objects than classes the dense
+    class cost is a per-class table, its pairs are cheap, and the near pairs grow with the
+    crowd (lla at B=2, G=500, C=80: 63 against 120 ms). A soft target (dsl,
+    ``per_pair_class_cost``) has no table, so there the near pairs pay at any C (B=16, G=20,
+    C=10: 1.45-1.6x faster; the crowd within noise). Elsewhere the dense path, without a
+    host sync."""
+    return device.type == "cpu" and (per_pair_class_cost or num_classes >= G)
 
 
 def list_pairs(mask: Tensor) -> PairList:

@@ -18,9 +18,9 @@ soft target); ``candidate_mask [B, G, A]`` is "prior centre inside this object's
 union over an image's objects is the candidate set. ``ensure_each_gt`` as in SimOTA.
 
 Computation: on a GPU (and in huge scenes, a chunk of objects at a time) every pair, a block
-of priors at a time, without a host sync. On CPU, batches with at least as many classes as
-object slots (``common.use_near_pairs``) are first computed on each object's *near* pairs
-(:meth:`DSLAssigner._assign_packed`): candidate priors whose predicted box overlaps it. Every
+of priors at a time, without a host sync. On CPU (``common.use_near_pairs``: the soft
+target makes the class cost per pair at any number of classes) everyday batches are first
+computed on each object's *near* pairs (:meth:`DSLAssigner._assign_packed`): candidate priors whose predicted box overlaps it. Every
 other candidate pair has IoU 0, so a soft target of 0 and a cost of at least
 ``iou_weight * -log(1e-7)`` (the class terms and the centre prior are >= 0), and adds nothing
 to dynamic k; when each object's k-th cheapest near pair is under that, the near pairs decide
@@ -112,7 +112,8 @@ class DSLAssigner(Assigner):
         boxes = common.mask_padding_boxes(self.candidate_boxes(gt_boxes, gt_valid), gt_valid)
         padding_inf = common.row_inf(gt_valid)  # [B, G, 1]: 0, inf on padding rows
         chunks = common.object_chunks(B, G, A)
-        if (common.use_near_pairs(pred_scores.device, pred_scores.shape[-1], G)
+        if (common.use_near_pairs(pred_scores.device, pred_scores.shape[-1], G,
+                                  per_pair_class_cost=True)
                 and self.iou_weight > 0 and len(chunks) == 1):
             out = self._assign_packed(priors, pred_scores, pred_boxes, gt_boxes, gt_labels,
                                       gt_valid, boxes)
