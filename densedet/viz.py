@@ -205,8 +205,9 @@ def draw_assignments(image: np.ndarray, gt_boxes: Tensor, gt_labels: Tensor,
         ax.set_title(f"{name}: {int(pos.sum())} pos, {empty}/{G} objects empty", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-
-    return save_figure(fig, out_path, dpi=130)
+    # room above the panels' titles for the figure's title (about a line of text)
+    top = 1.0 - 0.3 / fig.get_figheight() if title else 1.0
+    return save_figure(fig, out_path, dpi=130, rect=(0.0, 0.0, 1.0, top))
 
 
 SIZE_BANDS = (32.0, 96.0)  # sqrt(area) px: COCO's small / medium / large

@@ -31,11 +31,14 @@ def read_log(path: str | Path) -> dict[str, list[float]]:
     return cols
 
 
-def save_figure(fig, out: str | Path, dpi: int = 110) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure."""
+def save_figure(fig, out: str | Path, dpi: int = 110,
+                rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure. ``rect``: the part
+    of the figure the panels may fill (``tight_layout`` leaves a ``suptitle`` out and would
+    put the top row's titles under it)."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
