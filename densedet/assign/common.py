@@ -470,6 +470,14 @@ def gather_gt_class_scores(pred_scores: Tensor, gt_labels: Tensor) -> Tensor:
     return pred_scores.gather(2, idx).transpose(1, 2).contiguous()
 
 
+def class_table(num_classes: int, G: int) -> bool:
+    """Whether a one-hot class cost is cheaper as a per-(prior, class) table gathered per pair
+    (fewer classes than object slots: crowds) than computed pair by pair. The same switch
+    decides the CPU shortcuts that only pay when the class cost is per pair
+    (:func:`union_first`, :func:`use_near_pairs`)."""
+    return num_classes < G
+
+
 def split_class_cost(pred_scores: Tensor, gt_labels: Tensor, target: Tensor | float,
                      pair_cost: Callable[[Tensor, Tensor | float], Tensor],
                      correction: Callable[[Tensor, Tensor | float], Tensor] | None = None,
@@ -500,7 +508,7 @@ def split_class_cost(pred_scores: Tensor, gt_labels: Tensor, target: Tensor | fl
         bg = pair_cost(pred_scores, 0.0).sum(dim=-1)  # [B, A]
     elif bg is None:
         bg = background(pred_scores)
-    if isinstance(target, (int, float)) and pred_scores.shape[-1] < gt_labels.shape[1]:
+    if isinstance(target, (int, float)) and class_table(pred_scores.shape[-1], gt_labels.shape[1]):
         # fewer classes than objects (crowds): the cost of every (prior, class) pair, then
         # one gather, is fewer logs than the cost of every (prior, object) pair
         table = _class_correction(pred_scores, target, pair_cost, correction)
@@ -940,7 +948,7 @@ def union_first(chunks: list[slice], device: torch.device, num_classes: int, G: 
     needs it); on CPU when ``num_classes >= G``, where restricting the ``[B, A, C]`` class sum
     to the union saves more than the extra geometry pass over ``[B, G, A]`` costs (B=16,
     G=20, C=80); in crowds (G=500) that pass costs more than the whole class sum."""
-    return len(chunks) > 1 or (device.type == "cpu" and num_classes >= G)
+    return len(chunks) > 1 or (device.type == "cpu" and not class_table(num_classes, G))
 
 
 # ------------------------------------------------------------------ near pairs (CPU)
@@ -978,7 +986,7 @@ def use_near_pairs(device: torch.device, num_classes: int, G: int,
     ``per_pair_class_cost``) has no table, so there the near pairs pay at any C (B=16, G=20,
     C=10: 1.45-1.6x faster; the crowd within noise). Elsewhere the dense path, without a
     host sync."""
-    return device.type == "cpu" and (per_pair_class_cost or num_classes >= G)
+    return device.type == "cpu" and (per_pair_class_cost or not class_table(num_classes, G))
 
 
 def list_pairs(mask: Tensor) -> PairList:
@@ -1047,19 +1055,33 @@ def vouched(sel: Selection, k: Tensor | None, bound: float, gt_valid: Tensor) ->
     return bool(((last < bound) | ~gt_valid).all())
 
 
-def decide_near_pairs(cost: Tensor, pairs: PairList, bound: float, n: int,
-                      workspace: Workspace, shape: tuple[int, int, int], gt_valid: Tensor,
-                      rescue_lost_objects: bool, ious: Tensor | None = None) -> Tensor | None:
-    """The selection and conflict rule of a cost-based method from its near pairs' costs
-    (``[P]``; every other pair ``inf``), or None when :func:`vouched` fails.
+class NearCosts(NamedTuple):
+    """A method's costs on its near pairs (``near_costs`` of :func:`assign_near_pairs`)."""
 
-    Each object takes its ``n`` cheapest pairs, or with ``ious`` (``[P]``, 0 elsewhere)
-    SimOTA's dynamic ``k <= n`` of them (:func:`dynamic_k`); conflicts and the optional
-    rescue as :func:`resolve`.
+    candidate_mask: Tensor  # [B, G, A] bool, the Assignment field
+    pairs: PairList
+    cost: Tensor  # [P]
+    ious: Tensor | None  # [P] for SimOTA's dynamic k, None for a fixed n
 
-    Returns:
-        ``[B, A]`` int64 object index (-1 for background), or None.
+
+def assign_near_pairs(near_costs: Callable[[Tensor, Tensor], NearCosts], pred_boxes: Tensor,
+                      gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor, bound: float,
+                      n: int, workspace: Workspace,
+                      rescue_lost_objects: bool) -> Assignment | None:
+    """A cost-based method's assignment from its near pairs, or None when a predicted box is
+    not finite or the near pairs do not :func:`vouched` for every object (the method then
+    runs its dense path).
+
+    ``near_costs(pred_xyxy, gt_xyxy)`` (the :func:`near_pair_coordinates`) lists the method's
+    near pairs and their costs. Each object takes its ``n`` cheapest pairs, or with ``ious``
+    SimOTA's dynamic ``k <= n`` of them (:func:`dynamic_k`; IoU 0 elsewhere); conflicts and
+    the optional rescue as :func:`resolve`; ``quality`` is the assigned pair's IoU.
     """
+    coordinates = near_pair_coordinates(pred_boxes, gt_boxes, gt_valid)
+    if coordinates is None:
+        return None
+    candidate_mask, pairs, cost, ious = near_costs(*coordinates)
+    shape = tuple(candidate_mask.shape)
     dense = pairs_to_dense(cost, pairs, workspace.get("cost", shape, cost.dtype, cost.device), INF)
     n = min(n, shape[-1])
     k = None
@@ -1070,7 +1092,9 @@ def decide_near_pairs(cost: Tensor, pairs: PairList, bound: float, n: int,
     sel = select_cheapest(dense, n, k)
     if not vouched(sel, k, bound, gt_valid):
         return None
-    return resolve(sel, dense, gt_valid, rescue_lost_objects)
+    gt_index = resolve(sel, dense, gt_valid, rescue_lost_objects)
+    quality = assigned_box_iou(pred_boxes, gt_boxes, gt_index)
+    return build_assignment(gt_index, gt_labels, quality=quality, candidate_mask=candidate_mask)
 
 
 def cost_chunks(pairs: Callable[[slice, slice], tuple[Tensor, ...]],

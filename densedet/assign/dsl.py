@@ -20,11 +20,11 @@ union over an image's objects is the candidate set. ``ensure_each_gt`` as in Sim
 Computation: on a GPU (and in huge scenes, a chunk of objects at a time) every pair, a block
 of priors at a time, without a host sync. On CPU (``common.use_near_pairs``: the soft
 target makes the class cost per pair at any number of classes) everyday batches are first
-computed on each object's *near* pairs (:meth:`DSLAssigner._assign_packed`): candidate priors whose predicted box overlaps it. Every
-other candidate pair has IoU 0, so a soft target of 0 and a cost of at least
-``iou_weight * -log(1e-7)`` (the class terms and the centre prior are >= 0), and adds nothing
-to dynamic k; when each object's k-th cheapest near pair is under that, the near pairs decide
-exactly, else the dense path runs.
+computed on each object's *near* pairs (:meth:`DSLAssigner._assign_packed`): candidate
+priors whose predicted box overlaps it. Every other candidate pair has IoU 0, so a soft
+target of 0 and a cost of at least ``iou_weight * -log(1e-7)`` (the class terms and the
+centre prior are >= 0), and adds nothing to dynamic k; when each object's k-th cheapest near
+pair is under that, the near pairs decide exactly, else the dense path runs.
 """
 from __future__ import annotations
 
@@ -162,39 +162,33 @@ class DSLAssigner(Assigner):
         B, A, _ = pred_scores.shape
         G = gt_boxes.shape[1]
         dev = pred_scores.device
-        coordinates = common.near_pair_coordinates(pred_boxes, gt_boxes, gt_valid)
-        if coordinates is None:
-            return None
-        pred_xyxy, gt_xyxy = coordinates
 
-        def masks(blk: slice) -> tuple[Tensor, Tensor, Tensor]:
-            margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a], > 0 inside
-            union = margin.amax(dim=1) > 0  # [B, a], the image's candidates
-            near = common.overlap_side(pred_xyxy, gt_xyxy, blk) > 0
-            return margin > 0, near.logical_and_(union[:, None]), union
+        def near_costs(pred_xyxy: Tensor, gt_xyxy: Tensor) -> common.NearCosts:
+            def masks(blk: slice) -> tuple[Tensor, Tensor, Tensor]:
+                margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a], > 0 inside
+                union = margin.amax(dim=1) > 0  # [B, a], the image's candidates
+                near = common.overlap_side(pred_xyxy, gt_xyxy, blk) > 0
+                return margin > 0, near.logical_and_(union[:, None]), union
 
-        in_box, near, union = common.fill_by_prior_blocks(masks, (
-            torch.empty((B, G, A), dtype=torch.bool, device=dev),
-            self._workspace.get("near", (B, G, A), torch.bool, dev),
-            torch.empty((B, A), dtype=torch.bool, device=dev)), rows=B * G)
-        pairs = common.list_pairs(near)
-        bg = common.per_prior_class_sum(pred_scores, soft_label_background, where=union)
-        # the dense path's operations and order: class cost (+ bg), - w * log IoU, + centre
-        score = common.pair_scores(pred_scores, gt_labels, pairs)
-        iou = common.pair_iou(pred_xyxy, gt_xyxy, pairs)
-        cost = soft_label_correction(score, iou)
-        cost.add_(bg.view(-1).index_select(0, pairs.prior))
-        cost.sub_(iou.add(IOU_EPS).log_(), alpha=self.iou_weight)
-        if self.soft_center_prior:
-            cost += soft_centre_prior(priors.index_select(0, pairs.a),
-                                      gt_boxes.reshape(B * G, 4).index_select(0, pairs.obj),
-                                      self.soft_center_radius, aligned=True)
+            in_box, near, union = common.fill_by_prior_blocks(masks, (
+                torch.empty((B, G, A), dtype=torch.bool, device=dev),
+                self._workspace.get("near", (B, G, A), torch.bool, dev),
+                torch.empty((B, A), dtype=torch.bool, device=dev)), rows=B * G)
+            pairs = common.list_pairs(near)
+            bg = common.per_prior_class_sum(pred_scores, soft_label_background, where=union)
+            # the dense path's operations and order: class cost (+ bg), - w * log IoU, + centre
+            score = common.pair_scores(pred_scores, gt_labels, pairs)
+            iou = common.pair_iou(pred_xyxy, gt_xyxy, pairs)
+            cost = soft_label_correction(score, iou)
+            cost.add_(bg.view(-1).index_select(0, pairs.prior))
+            cost.sub_(iou.add(IOU_EPS).log_(), alpha=self.iou_weight)
+            if self.soft_center_prior:
+                cost += soft_centre_prior(priors.index_select(0, pairs.a),
+                                          gt_boxes.reshape(B * G, 4).index_select(0, pairs.obj),
+                                          self.soft_center_radius, aligned=True)
+            return common.NearCosts(in_box, pairs, cost, iou)
+
         bound = self.iou_weight * -math.log(IOU_EPS) - common.BOUND_SLACK
-        gt_index = common.decide_near_pairs(cost, pairs, bound, self.candidate_topk,
-                                            self._workspace, (B, G, A), gt_valid,
-                                            self.ensure_each_gt, ious=iou)
-        if gt_index is None:
-            return None
-        quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
-        return common.build_assignment(gt_index, gt_labels, quality=quality,
-                                       candidate_mask=in_box)
+        return common.assign_near_pairs(near_costs, pred_boxes, gt_boxes, gt_labels, gt_valid,
+                                        bound, self.candidate_topk, self._workspace,
+                                        self.ensure_each_gt)

@@ -120,39 +120,34 @@ class LLAAssigner(Assigner):
         B, A, _ = pred_scores.shape
         G = gt_boxes.shape[1]
         dev, dtype = pred_scores.device, pred_scores.dtype
-        coordinates = common.near_pair_coordinates(pred_boxes, gt_boxes, gt_valid)
-        if coordinates is None:
-            return None
-        pred_xyxy, gt_xyxy = coordinates
 
-        def masks(blk: slice) -> tuple[Tensor, Tensor]:
-            margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a]
-            in_box = margin > IN_BOX_MARGIN
-            # near: margin > 0.01 or an overlap, as one comparison of floats
-            overlap = common.overlap_side(pred_xyxy, gt_xyxy, blk)
-            return in_box, torch.maximum(margin.sub_(IN_BOX_MARGIN), overlap) > 0
+        def near_costs(pred_xyxy: Tensor, gt_xyxy: Tensor) -> common.NearCosts:
+            def masks(blk: slice) -> tuple[Tensor, Tensor]:
+                margin = common.box_margin(priors[blk, :2], boxes)  # [B, G, a]
+                in_box = margin > IN_BOX_MARGIN
+                # near: margin > 0.01 or an overlap, as one comparison of floats
+                overlap = common.overlap_side(pred_xyxy, gt_xyxy, blk)
+                return in_box, torch.maximum(margin.sub_(IN_BOX_MARGIN), overlap) > 0
 
-        in_box, near = common.fill_by_prior_blocks(masks, (
-            torch.empty((B, G, A), dtype=torch.bool, device=dev),
-            self._workspace.get("near", (B, G, A), torch.bool, dev)), rows=B * G)
-        pairs = common.list_pairs(near)
-        near_prior = torch.zeros(B * A, dtype=torch.bool, device=dev)
-        near_prior.index_fill_(0, pairs.prior, True)
-        bg = common.per_prior_class_sum(pred_scores, common.focal_background,
-                                        where=near_prior.view(B, A))
-        # the dense path's operations and order: class cost (+ bg), - reg * log IoU, + penalty
-        score = common.pair_scores(pred_scores, gt_labels, pairs)
-        cost = common.focal_onehot_correction(score, 1.0)
-        cost.add_(bg.view(-1).index_select(0, pairs.prior))
-        iou = common.pair_iou(pred_xyxy, gt_xyxy, pairs)
-        cost.sub_(iou.add_(IOU_EPS).log_(), alpha=self.reg_weight)
-        outside = in_box.view(-1).index_select(0, pairs.pair).logical_not_().to(dtype)
-        cost.add_(outside.mul_(OUTSIDE_PENALTY))
+            in_box, near = common.fill_by_prior_blocks(masks, (
+                torch.empty((B, G, A), dtype=torch.bool, device=dev),
+                self._workspace.get("near", (B, G, A), torch.bool, dev)), rows=B * G)
+            pairs = common.list_pairs(near)
+            near_prior = torch.zeros(B * A, dtype=torch.bool, device=dev)
+            near_prior.index_fill_(0, pairs.prior, True)
+            bg = common.per_prior_class_sum(pred_scores, common.focal_background,
+                                            where=near_prior.view(B, A))
+            # the dense path's operations and order: class cost (+ bg), - reg * log IoU,
+            # + penalty
+            score = common.pair_scores(pred_scores, gt_labels, pairs)
+            cost = common.focal_onehot_correction(score, 1.0)
+            cost.add_(bg.view(-1).index_select(0, pairs.prior))
+            iou = common.pair_iou(pred_xyxy, gt_xyxy, pairs)
+            cost.sub_(iou.add_(IOU_EPS).log_(), alpha=self.reg_weight)
+            outside = in_box.view(-1).index_select(0, pairs.pair).logical_not_().to(dtype)
+            cost.add_(outside.mul_(OUTSIDE_PENALTY))
+            return common.NearCosts(in_box, pairs, cost, None)
+
         bound = OUTSIDE_PENALTY + self.reg_weight * -math.log(IOU_EPS) - common.BOUND_SLACK
-        gt_index = common.decide_near_pairs(cost, pairs, bound, self.topk, self._workspace,
-                                            (B, G, A), gt_valid, self.ensure_each_gt)
-        if gt_index is None:
-            return None
-        quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
-        return common.build_assignment(gt_index, gt_labels, quality=quality,
-                                       candidate_mask=in_box)
+        return common.assign_near_pairs(near_costs, pred_boxes, gt_boxes, gt_labels, gt_valid,
+                                        bound, self.topk, self._workspace, self.ensure_each_gt)

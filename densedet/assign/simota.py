@@ -163,41 +163,35 @@ class SimOTAAssigner(Assigner):
         B, A, _ = pred_scores.shape
         G = gt_boxes.shape[1]
         dev, dtype = pred_scores.device, pred_scores.dtype
-        coordinates = common.near_pair_coordinates(pred_boxes, gt_boxes, gt_valid)
-        if coordinates is None:
-            return None
-        pred_xyxy, gt_xyxy = coordinates
 
-        def masks(blk: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            region_gap, penalty_gap = self.geometry_gaps(priors[blk], gt_boxes, gt_valid,
-                                                         cand_boxes)
-            union = region_gap.amin(dim=1) < 0  # [B, a], the image's candidates
-            # near: penalty-free (gap < 0) or an overlap, among the candidates
-            overlap = common.overlap_side(pred_xyxy, gt_xyxy, blk)
-            near = torch.maximum(penalty_gap.neg(), overlap) > 0
-            return region_gap < 0, penalty_gap < 0, near.logical_and_(union[:, None]), union
+        def near_costs(pred_xyxy: Tensor, gt_xyxy: Tensor) -> common.NearCosts:
+            def masks(blk: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                region_gap, penalty_gap = self.geometry_gaps(priors[blk], gt_boxes, gt_valid,
+                                                             cand_boxes)
+                union = region_gap.amin(dim=1) < 0  # [B, a], the image's candidates
+                # near: penalty-free (gap < 0) or an overlap, among the candidates
+                overlap = common.overlap_side(pred_xyxy, gt_xyxy, blk)
+                near = torch.maximum(penalty_gap.neg(), overlap) > 0
+                return region_gap < 0, penalty_gap < 0, near.logical_and_(union[:, None]), union
 
-        region, free, near, union = common.fill_by_prior_blocks(masks, (
-            torch.empty((B, G, A), dtype=torch.bool, device=dev),
-            self._workspace.get("free", (B, G, A), torch.bool, dev),
-            self._workspace.get("near", (B, G, A), torch.bool, dev),
-            torch.empty((B, A), dtype=torch.bool, device=dev)), rows=B * G)
-        pairs = common.list_pairs(near)
-        bg = common.per_prior_class_sum(pred_scores, common.bce_background, where=union)
-        # the dense path's operations and order: class cost (+ bg), - w * log IoU, + penalty
-        score = common.pair_scores(pred_scores, gt_labels, pairs)
-        cost = common.bce_onehot_correction(score, 1.0)
-        cost.add_(bg.view(-1).index_select(0, pairs.prior))
-        iou = common.pair_iou(pred_xyxy, gt_xyxy, pairs)
-        cost.sub_(iou.add(IOU_EPS).log_(), alpha=self.iou_weight)
-        penalised = free.view(-1).index_select(0, pairs.pair).logical_not_().to(dtype)
-        cost.add_(penalised.mul_(self.penalty))
+            region, free, near, union = common.fill_by_prior_blocks(masks, (
+                torch.empty((B, G, A), dtype=torch.bool, device=dev),
+                self._workspace.get("free", (B, G, A), torch.bool, dev),
+                self._workspace.get("near", (B, G, A), torch.bool, dev),
+                torch.empty((B, A), dtype=torch.bool, device=dev)), rows=B * G)
+            pairs = common.list_pairs(near)
+            bg = common.per_prior_class_sum(pred_scores, common.bce_background, where=union)
+            # the dense path's operations and order: class cost (+ bg), - w * log IoU, + penalty
+            score = common.pair_scores(pred_scores, gt_labels, pairs)
+            cost = common.bce_onehot_correction(score, 1.0)
+            cost.add_(bg.view(-1).index_select(0, pairs.prior))
+            iou = common.pair_iou(pred_xyxy, gt_xyxy, pairs)
+            cost.sub_(iou.add(IOU_EPS).log_(), alpha=self.iou_weight)
+            penalised = free.view(-1).index_select(0, pairs.pair).logical_not_().to(dtype)
+            cost.add_(penalised.mul_(self.penalty))
+            return common.NearCosts(region, pairs, cost, iou)
+
         bound = self.penalty + self.iou_weight * -math.log(IOU_EPS) - common.BOUND_SLACK
-        gt_index = common.decide_near_pairs(cost, pairs, bound, self.candidate_topk,
-                                            self._workspace, (B, G, A), gt_valid,
-                                            self.ensure_each_gt, ious=iou)
-        if gt_index is None:
-            return None
-        quality = common.assigned_box_iou(pred_boxes, gt_boxes, gt_index)
-        return common.build_assignment(gt_index, gt_labels, quality=quality,
-                                       candidate_mask=region)
+        return common.assign_near_pairs(near_costs, pred_boxes, gt_boxes, gt_labels, gt_valid,
+                                        bound, self.candidate_topk, self._workspace,
+                                        self.ensure_each_gt)
